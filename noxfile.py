@@ -7,6 +7,9 @@ own CUDA build of torch and may have no package index.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "virtualenv"
@@ -42,7 +45,41 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-n", "auto", *session.posargs)
 
 
+GPU_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
+
+
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """GPU tests (marked ``gpu``) in the host's interpreter; run from the checkout on a CUDA host."""
-    session.run("python3", "-m", "pytest", "-m", "gpu", "-n", "4", *session.posargs, env={"PYTHONPATH": "."})
+    """GPU tests (marked ``gpu``) in the host's own interpreter, from the checkout, on a CUDA host."""
+    session.run("python3", "-m", "op.build", env=GPU_ENV)
+    files = sorted(str(p) for p in Path("tests").glob("test_gpu_*.py"))
+    session.run("python3", "-m", "pytest", "-m", "gpu", "-n", "8", *files, *session.posargs, env=GPU_ENV)
+
+
+@nox.session(venv_backend="none")
+def sanitize(session: nox.Session) -> None:
+    """compute-sanitizer memcheck, racecheck and synccheck over a smoke run of every GPU path, preset and dtype."""
+    session.run("python3", "-m", "op.build", env=GPU_ENV)
+    for tool in ("memcheck", "racecheck", "synccheck"):
+        session.run(
+            "compute-sanitizer",
+            "--tool",
+            tool,
+            "--error-exitcode",
+            "1",
+            "--target-processes",
+            "all",
+            "python3",
+            "-m",
+            "harness.smoke",
+            env=GPU_ENV,
+            external=True,
+        )
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """Every GPU path side by side (graph replays, hot and cold L2) with ratios and the bandwidth floor."""
+    session.run("python3", "-m", "op.build", env=GPU_ENV)
+    args = session.posargs or ["--csv", "reports/bench/results.csv"]
+    session.run("python3", "-m", "harness.bench", *args, env=GPU_ENV)

@@ -1,0 +1,109 @@
+"""Timing of routing paths on a CUDA device: CUDA-graph replays of back-to-back calls, hot or cold L2.
+
+``hot``: the same input every call. ``cold``: calls rotate over input sets whose total is at least twice the
+L2 size. Each measurement is the per-call time of one replay of a graph of ``calls`` back-to-back calls,
+repeated; the median and quartiles are reported. Each timed region is wrapped in an NVTX range named
+``path:preset:dtype:T<T>:<scores>:<l2>:<launch>`` in the ``fusedgate`` domain.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nvtx
+
+NVTX_DOMAIN = "fusedgate"
+
+
+@dataclass
+class Timing:
+    p25: float
+    p50: float
+    p75: float
+    n: int
+
+
+def range_name(path: str, preset: str, dtype: str, tokens: int, scores: bool, l2: str, launch: str) -> str:
+    return f"{path}:{preset}:{dtype}:T{tokens}:{'scores' if scores else 'noscores'}:{l2}:{launch}"
+
+
+def l2_bytes() -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    samples = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        stop.record()
+        stop.synchronize()
+        samples.append(2 * nbytes / (start.elapsed_time(stop) * 1e-3))
+    return statistics.median(samples)
+
+
+def _quartiles(samples: list[float]) -> Timing:
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    return Timing(q[0], statistics.median(samples), q[2], len(samples))
+
+
+def time_graph(
+    call: Callable[[int], object], input_sets: int, name: str, calls: int = 20, repeats: int = 30, warmup: int = 3
+) -> Timing:
+    """Per-call µs of ``call(i)`` (``i`` picks the input set) captured ``calls`` times into one CUDA graph."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(input_sets):
+            call(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            call(i % input_sets)
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    with nvtx.annotate(name, domain=NVTX_DOMAIN):
+        for _ in range(repeats):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop) * 1e3 / calls)
+    return _quartiles(samples)
+
+
+def time_eager(call: Callable[[int], object], input_sets: int, name: str, calls: int = 20, repeats: int = 30) -> Timing:
+    """Per-call µs of ``calls`` back-to-back eager calls (host launch cost included)."""
+    import torch
+
+    for i in range(input_sets):
+        call(i)
+    torch.cuda.synchronize()
+    samples = []
+    with nvtx.annotate(name, domain=NVTX_DOMAIN):
+        for _ in range(repeats):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(calls):
+                call(i % input_sets)
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop) * 1e3 / calls)
+    return _quartiles(samples)

@@ -1,0 +1,158 @@
+// Path `fused_block`: the published one-block-per-token fused design, kept only as a baseline so the harness
+// can show its crossover against `two_kernel` on the same card. It models FastDeploy PR 7777's kernel: grid
+// of T blocks, one warp per group (block = n_group x 32 threads); every warp scores its group; then warp 0
+// alone picks the groups and the top-k experts while the other warps wait, recomputes the chosen sigmoids,
+// renormalises and scales, zeroes the scores row and scatters. Same semantics and arithmetic as `fused`,
+// hence bit-identical outputs; none of its speed work.
+#include "launch.cuh"
+
+namespace fusedgate {
+
+template <typename T>
+__global__ void fused_block_kernel(const T* __restrict__ logits, const void* __restrict__ bias, int bias_kind,
+                                   RoutingOutputs out, const int32_t* __restrict__ num_tokens_ptr,
+                                   int64_t num_tokens, RoutingParams p) {
+  extern __shared__ float smem[];
+  float* b = smem;                        // [E] biased scores
+  float* group_score = smem + p.num_experts;  // [n_group]
+  float* chosen_s = group_score + p.n_group;  // [top_k]
+  int* chosen_e = reinterpret_cast<int*>(chosen_s + p.top_k);
+  const int64_t token = blockIdx.x;
+  if (token >= effective_tokens(num_tokens, num_tokens_ptr)) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int epg = p.num_experts / p.n_group;
+  const float neg_inf = __int_as_float(0xff800000);
+  const T* row = logits + token * p.num_experts;
+
+  float top1 = neg_inf, top2 = neg_inf;
+  int count = 0;
+  for (int e = warp * epg + lane; e < (warp + 1) * epg; e += 32) {
+    const float bias_e = bias_kind == 0   ? static_cast<const float*>(bias)[e]
+                         : bias_kind == 1 ? __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[e])
+                                          : __half2float(static_cast<const __half*>(bias)[e]);
+    const float v = __fadd_rn(sigmoid_rn(to_float<T>(row[e])), bias_e);
+    b[e] = v;
+    if (isfinite(v)) {
+      if (v > top1) {
+        top2 = top1;
+        top1 = v;
+      } else if (v > top2) {
+        top2 = v;
+      }
+      ++count;
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float o1 = __shfl_xor_sync(kFullMask, top1, offset);
+    const float o2 = __shfl_xor_sync(kFullMask, top2, offset);
+    count += __shfl_xor_sync(kFullMask, count, offset);
+    top2 = fmaxf(fminf(top1, o1), fmaxf(top2, o2));
+    top1 = fmaxf(top1, o1);
+  }
+  const int need = epg >= 2 ? 2 : 1;
+  if (lane == 0) group_score[warp] = count >= need ? (need == 2 ? __fadd_rn(top1, top2) : top1) : neg_inf;
+  __syncthreads();
+  if (warp != 0) return;
+
+  uint32_t kept = kFullMask;
+  bool fallback = false;
+  if (p.score_groups) {
+    const float mine = lane < p.n_group ? group_score[lane] : neg_inf;
+    int rank = 0, finite_groups = 0;
+    for (int h = 0; h < p.n_group; ++h) {
+      finite_groups += group_score[h] > neg_inf;
+      rank += (group_score[h] > mine) || (group_score[h] == mine && h < lane);
+    }
+    kept = __ballot_sync(kFullMask, lane < p.n_group && rank < p.topk_group);
+    fallback = finite_groups < p.topk_group;
+  }
+  float sum = 0.0f;
+  for (int r = 0; r < p.top_k; ++r) {
+    uint32_t best_key = 0;
+    int best_e = 0x7fffffff;
+    for (int e = lane; e < p.num_experts; e += 32) {
+      bool taken = false;
+      for (int q = 0; q < r; ++q) taken |= chosen_e[q] == e;
+      if (!taken && (kept >> (e / epg) & 1u) && isfinite(b[e])) {
+        const uint32_t key = ordered_key(b[e]);
+        if (key > best_key) {
+          best_key = key;
+          best_e = e;
+        }
+      }
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const uint32_t other_key = __shfl_xor_sync(kFullMask, best_key, offset);
+      const int other_e = __shfl_xor_sync(kFullMask, best_e, offset);
+      if (other_key > best_key || (other_key == best_key && other_e < best_e)) {
+        best_key = other_key;
+        best_e = other_e;
+      }
+    }
+    if (best_key == 0) {
+      fallback = true;
+      best_e = -1;
+    }
+    const float s = best_key ? sigmoid_rn(to_float<T>(row[best_e])) : 0.0f;
+    sum = __fadd_rn(sum, s);
+    if (lane == 0) {
+      chosen_e[r] = best_e;
+      chosen_s[r] = s;
+    }
+    __syncwarp();
+  }
+  const float denom = __fadd_rn(sum, 1e-20f);
+  const float fallback_w = __fdiv_rn(1.0f, static_cast<float>(p.top_k));
+  if (out.scores != nullptr) {
+    for (int e = lane; e < p.num_experts; e += 32) out.scores[token * p.num_experts + e] = 0.0f;
+    __syncwarp();
+  }
+  for (int r = lane; r < p.top_k; r += 32) {
+    const int id = fallback ? r : chosen_e[r];
+    const float w = fallback ? fallback_w : routed_weight(chosen_s[r], denom, p);
+    out.values[token * p.top_k + r] = w;
+    if (out.index64) static_cast<int64_t*>(out.indices)[token * p.top_k + r] = id;
+    else static_cast<int32_t*>(out.indices)[token * p.top_k + r] = id;
+    if (out.scores != nullptr) out.scores[token * p.num_experts + id] = w;
+  }
+}
+
+void fused_block_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> scores, TensorView values,
+                              TensorView indices, Optional<TensorView> num_tokens, int64_t n_group,
+                              int64_t topk_group, int64_t top_k, bool renormalize, double scale) {
+  if (logits.ndim() != 2) TVM_FFI_THROW(ValueError) << "gating_output must be 2-D [num_tokens, num_experts]";
+  const int64_t rows = logits.size(0), experts = logits.size(1);
+  check_routing_args(experts, n_group, topk_group, top_k);
+  const FloatKind kind = float_kind(logits, "gating_output");
+  if (!logits.IsContiguous()) TVM_FFI_THROW(ValueError) << "gating_output must be contiguous";
+  if (logits.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << "gating_output must be a CUDA tensor";
+  check_bias(bias, experts, logits);
+  const TensorView* scores_ptr = scores.has_value() ? &scores.value() : nullptr;
+  const bool index64 = check_outputs(scores_ptr, values, indices, rows, experts, top_k, logits);
+  const int32_t* n_ptr = num_tokens_pointer(num_tokens, logits);
+  if (rows == 0) return;
+  if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << "fused_block launches one block per token: at most 2^31-1";
+  RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
+                                static_cast<int>(top_k), renormalize, static_cast<float>(scale), 1);
+  const FloatKind bkind = float_kind(bias, "e_score_correction_bias");
+  const int bias_kind = bkind == FloatKind::kFloat32 ? 0 : bkind == FloatKind::kBFloat16 ? 1 : 2;
+  RoutingOutputs out{scores_ptr ? static_cast<float*>(scores_ptr->data_ptr()) : nullptr,
+                     static_cast<float*>(values.data_ptr()), indices.data_ptr(), index64 ? 1 : 0};
+  const size_t smem = (experts + n_group + 2 * top_k) * sizeof(float);
+  cudaStream_t stream = current_stream(logits);
+  const dim3 grid(static_cast<unsigned>(rows)), block(static_cast<unsigned>(n_group * 32));
+  if (kind == FloatKind::kFloat32)
+    fused_block_kernel<float><<<grid, block, smem, stream>>>(static_cast<const float*>(logits.data_ptr()),
+                                                             bias.data_ptr(), bias_kind, out, n_ptr, rows, p);
+  else if (kind == FloatKind::kBFloat16)
+    fused_block_kernel<__nv_bfloat16><<<grid, block, smem, stream>>>(
+        static_cast<const __nv_bfloat16*>(logits.data_ptr()), bias.data_ptr(), bias_kind, out, n_ptr, rows, p);
+  else
+    fused_block_kernel<__half><<<grid, block, smem, stream>>>(static_cast<const __half*>(logits.data_ptr()),
+                                                              bias.data_ptr(), bias_kind, out, n_ptr, rows, p);
+  check_cuda(cudaGetLastError(), "fused_block_grouped_topk launch");
+}
+
+}  // namespace fusedgate
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(fused_block_grouped_topk, fusedgate::fused_block_grouped_topk);

@@ -1,0 +1,74 @@
+// How one token's experts are spread over the lanes of a warp: shared by the host launchers of every
+// GPU path so that they agree, and free of CUDA so the CPU build can include it.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedgate {
+
+constexpr int kMaxExperts = 1024;
+constexpr int kMaxGroups = 32;
+constexpr int kMaxTopK = 32;
+constexpr int kWarpsPerBlock = 4;
+
+struct RoutingParams {
+  int num_experts;
+  int n_group;
+  int topk_group;
+  int top_k;
+  int renormalize;
+  float scale;
+  // A token occupies `lanes` consecutive lanes (a power of two); lane j holds experts [j*vpt, (j+1)*vpt).
+  int lanes;
+  int vpt;
+  // Group scoring: 0 when skipped (every group kept); with lanes_per_group > 0 each group covers exactly
+  // that many lanes; with lanes_per_group == 0 and score_groups set, groups are scored by a generic loop.
+  int score_groups;
+  int lanes_per_group;
+};
+
+inline int next_pow2(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// Capacity (compile-time experts per lane) the kernels are instantiated for.
+inline int vpt_capacity(int vpt) { return vpt <= 8 ? 8 : vpt <= 16 ? 16 : vpt <= 24 ? 24 : 32; }
+
+// `vec_elems` is how many experts fill 16 bytes; chunk sizes are rounded up to it where that keeps every
+// chunk start 16-byte aligned, so the loads can be vectorised.
+inline RoutingParams make_params(int num_experts, int n_group, int topk_group, int top_k, bool renormalize,
+                                 float scale, int vec_elems) {
+  RoutingParams p{};
+  p.num_experts = num_experts;
+  p.n_group = n_group;
+  p.topk_group = topk_group;
+  p.top_k = top_k;
+  p.renormalize = renormalize ? 1 : 0;
+  p.scale = scale;
+  p.score_groups = topk_group < n_group ? 1 : 0;
+  const int epg = num_experts / n_group;
+  if (p.score_groups) {
+    for (int lpg = 1; lpg <= 32; lpg <<= 1) {
+      if (epg % lpg == 0 && epg / lpg <= 32 && n_group * lpg <= 32) {
+        p.lanes_per_group = lpg;
+        p.vpt = epg / lpg;
+        p.lanes = next_pow2(n_group * lpg);
+        return p;
+      }
+    }
+    // No lane-aligned layout: one token per warp, groups scored one at a time.
+    p.lanes_per_group = 0;
+    p.lanes = 32;
+    p.vpt = (num_experts + 31) / 32;
+    return p;
+  }
+  p.lanes = next_pow2((num_experts + 31) / 32);
+  int vpt = (num_experts + p.lanes - 1) / p.lanes;
+  const int rounded = (vpt + vec_elems - 1) / vec_elems * vec_elems;
+  p.vpt = rounded <= 32 ? rounded : vpt;
+  return p;
+}
+
+}  // namespace fusedgate

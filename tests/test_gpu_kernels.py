@@ -1,0 +1,192 @@
+"""GPU paths (``fused``, ``two_kernel``, ``fused_block``) on the H100 through torch tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.inputs import DISTRIBUTIONS, generate_input
+from op.configs import PRESETS, STRESS
+from op.testing import assert_routing_close
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+
+from op import fused_block_grouped_topk, grouped_topk, two_kernel_grouped_topk  # noqa: E402
+
+PATHS = {"fused": grouped_topk, "two_kernel": two_kernel_grouped_topk, "fused_block": fused_block_grouped_topk}
+
+
+def to_device(array):
+    t = torch.from_numpy(array.astype(np.float32) if array.dtype.name == "bfloat16" else array)
+    return (t.to(torch.bfloat16) if array.dtype.name == "bfloat16" else t).cuda()
+
+
+def poisoned_outputs(rows, config, generator, index_dtype=torch.int64):
+    """Random garbage in every output, so an element a kernel forgets to write fails the comparison."""
+    scores = torch.randn((rows, config.num_experts), generator=generator, device="cuda")
+    values = torch.randn((rows, config.top_k), generator=generator, device="cuda")
+    ids = torch.randint(-(2**20), 2**20, (rows, config.top_k), generator=generator, device="cuda").to(index_dtype)
+    return scores, values, ids
+
+
+def run_all_paths(config, x, bias, seed, **kwargs):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    results = {}
+    for name, path in PATHS.items():
+        out = poisoned_outputs(x.shape[0], config, generator)
+        results[name] = path(x, bias, *config.args(), out=out, **kwargs)
+    return results
+
+
+def assert_bit_identical(results):
+    (first, base), *rest = results.items()
+    for name, other in rest:
+        for a, b, what in zip(base, other, ("scores", "topk_values", "topk_indices"), strict=True):
+            if a is None:
+                continue
+            same = (
+                torch.equal(a.view(torch.int32), b.view(torch.int32)) if a.dtype == torch.float32 else torch.equal(a, b)
+            )
+            assert same, f"{what} of {name} differs bitwise from {first}"
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("num_tokens", [1, 3, 64, 1000, 4096, 65536])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_against_reference(name, dtype, num_tokens, distribution, seed):
+    config = PRESETS[name]
+    x, bias = generate_input(config, num_tokens, dtype, seed, distribution)
+    results = run_all_paths(config, to_device(x), to_device(bias), seed)
+    assert_bit_identical(results)
+    assert_routing_close(results["fused"], x, bias, config)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("num_tokens", [1, 77, 3000])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("name", sorted(STRESS))
+def test_stress_configs_against_reference(name, dtype, num_tokens, distribution, seed):
+    config = STRESS[name]
+    x, bias = generate_input(config, num_tokens, dtype, seed, distribution)
+    results = run_all_paths(config, to_device(x), to_device(bias), seed)
+    assert_bit_identical(results)
+    assert_routing_close(results["fused"], x, bias, config)
+
+
+@pytest.mark.parametrize(
+    "num_experts,n_group,topk_group,top_k", [(999, 3, 2, 5), (200, 5, 2, 7), (34, 2, 1, 3), (2, 1, 1, 1)]
+)
+def test_unaligned_layouts(num_experts, n_group, topk_group, top_k, seed):
+    from op.configs import RoutingConfig
+
+    config = RoutingConfig(num_experts, n_group, topk_group, top_k, True, 1.25)
+    for dtype in ("float32", "bfloat16"):
+        x, bias = generate_input(config, 257, dtype, seed, "randn")
+        results = run_all_paths(config, to_device(x), to_device(bias), seed)
+        assert_bit_identical(results)
+        assert_routing_close(results["fused"], x, bias, config)
+
+
+@pytest.mark.parametrize("bias_dtype", ["float32", "bfloat16", "float16"])
+def test_bias_in_each_float_dtype(bias_dtype, seed):
+    config = PRESETS["deepseek_v3"]
+    x, bias = generate_input(config, 500, "bfloat16", seed, "router_like", bias_dtype=bias_dtype)
+    results = run_all_paths(config, to_device(x), to_device(bias).reshape(1, -1), seed)
+    assert_bit_identical(results)
+    assert_routing_close(results["fused"], x, bias, config)
+
+
+def test_offset_view_uses_the_narrow_load_path(seed):
+    config = PRESETS["glm45_air"]
+    x, bias = generate_input(config, 65, "bfloat16", seed)
+    flat = torch.cat([torch.zeros(1, dtype=torch.bfloat16), to_device(x).reshape(-1).cpu()]).cuda()
+    shifted = flat[1:].view(65, 128)  # 2-byte offset: not 16-byte aligned
+    assert shifted.data_ptr() % 16 != 0
+    results = run_all_paths(config, shifted, to_device(bias), seed)
+    assert_bit_identical(results)
+    assert_routing_close(results["fused"], x, bias, config)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_num_tokens_leaves_later_rows_untouched(path, seed):
+    config = PRESETS["deepseek_v3"]
+    x, bias = generate_input(config, 300, "bfloat16", seed)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    out = poisoned_outputs(300, config, generator)
+    before = [t.clone() for t in out]
+    n = torch.tensor([123], dtype=torch.int32, device="cuda")
+    PATHS[path](to_device(x), to_device(bias), *config.args(), num_tokens=n, out=out)
+    for after, old in zip(out, before, strict=True):
+        assert torch.equal(after[123:], old[123:])
+    assert_routing_close(tuple(t[:123] for t in out), x[:123], bias, config)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_int32_ids_and_no_scores(path, seed):
+    config = PRESETS["kimi_k2"]
+    x, bias = generate_input(config, 200, "bfloat16", seed)
+    scores, values, ids = PATHS[path](
+        to_device(x), to_device(bias), *config.args(), index_dtype="int32", return_scores=False
+    )
+    assert scores is None and ids.dtype == torch.int32
+    assert_routing_close((None, values, ids), x, bias, config)
+
+
+def test_side_stream_without_synchronisation(seed):
+    config = PRESETS["deepseek_v3"]
+    x, bias = generate_input(config, 8192, "bfloat16", seed)
+    xd, bd = to_device(x), to_device(bias)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # Keep the default stream busy so a launch on the wrong stream would read or race visibly.
+        out = grouped_topk(xd, bd, *config.args())
+        two = two_kernel_grouped_topk(xd, bd, *config.args())
+    torch.cuda.current_stream().wait_stream(stream)
+    assert_bit_identical({"fused": out, "two_kernel": two})
+    assert_routing_close(out, x, bias, config)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_cuda_graph_replay_equals_eager(path, seed):
+    config = PRESETS["deepseek_v3"]
+    x, bias = generate_input(config, 1000, "bfloat16", seed)
+    static_x, static_b = to_device(x), to_device(bias)
+    eager = PATHS[path](static_x, static_b, *config.args())
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        PATHS[path](static_x, static_b, *config.args())
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        captured = PATHS[path](static_x, static_b, *config.args())
+    x2, _ = generate_input(config, 1000, "bfloat16", seed + 1)
+    static_x.copy_(to_device(x2))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_routing_close(captured, x2, bias, config)
+    static_x.copy_(to_device(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bit_identical({"eager": eager, "graph": captured})
+
+
+def test_fused_is_exactly_one_kernel_launch(seed):
+    config = PRESETS["deepseek_v3"]
+    x, bias = generate_input(config, 4096, "bfloat16", seed)
+    xd, bd = to_device(x), to_device(bias)
+    grouped_topk(xd, bd, *config.args())
+    torch.cuda.synchronize()
+    for path, expected in (("fused", 1), ("two_kernel", 2), ("fused_block", 1)):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        out = poisoned_outputs(4096, config, generator)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                PATHS[path](xd, bd, *config.args(), out=out)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(kernels) == 3 * expected, f"{path}: {[e.name for e in kernels]}"
