@@ -58,10 +58,27 @@ def _quartiles(samples: list[float]) -> Timing:
     return Timing(q[0], statistics.median(samples), q[2], len(samples))
 
 
+def l2_flusher() -> Callable[[], None]:
+    """Overwrite twice the L2 size, so that the next kernel finds none of its inputs cached."""
+    import torch
+
+    scratch = torch.empty(2 * l2_bytes(), dtype=torch.uint8, device="cuda")
+    return lambda: scratch.fill_(1)
+
+
 def time_graph(
-    call: Callable[[int], object], input_sets: int, name: str, calls: int = 20, repeats: int = 30, warmup: int = 3
+    call: Callable[[int], object],
+    input_sets: int,
+    name: str,
+    calls: int = 20,
+    repeats: int = 30,
+    warmup: int = 3,
+    before_replay: Callable[[], None] | None = None,
 ) -> Timing:
-    """Per-call µs of ``call(i)`` (``i`` picks the input set) captured ``calls`` times into one CUDA graph."""
+    """Per-call µs of ``call(i)`` (``i`` picks the input set) captured ``calls`` times into one CUDA graph.
+
+    ``before_replay`` runs ahead of each timed replay, outside the timed events (an L2 flush, for instance).
+    """
     import torch
 
     stream = torch.cuda.Stream()
@@ -80,6 +97,8 @@ def time_graph(
     samples = []
     with nvtx.annotate(name, domain=NVTX_DOMAIN):
         for _ in range(repeats):
+            if before_replay is not None:
+                before_replay()
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
