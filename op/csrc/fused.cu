@@ -8,38 +8,67 @@
 
 namespace fusedgate {
 
-template <typename T, int VPT>
-__device__ __forceinline__ void load_row(const T* __restrict__ row, bool active, int e0, bool vec,
-                                         const RoutingParams& p, float (&x)[VPT]) {
-  constexpr int kVec = 16 / sizeof(T);
+template <int BYTES>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  using type = uint4;
+};
+template <>
+struct VecOf<8> {
+  using type = uint2;
+};
+template <>
+struct VecOf<4> {
+  using type = uint32_t;
+};
+template <>
+struct VecOf<2> {
+  using type = uint16_t;
+};
+
+// Loads one lane's chunk `BYTES` at a time; elements past the chunk or the row become NaN (never chosen).
+template <typename T, int VPT, int BYTES>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, bool active, int e0, const RoutingParams& p,
+                                           float (&x)[VPT]) {
+  constexpr int kVec = BYTES / sizeof(T) > 0 ? BYTES / sizeof(T) : 1;
+  using V = typename VecOf<kVec * sizeof(T)>::type;
   const float nan = __int_as_float(0x7fc00000);
-  if (vec) {
 #pragma unroll
-    for (int i = 0; i < VPT; i += kVec) {
-      if (active && i < p.vpt && e0 + i < p.num_experts) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + e0 + i));
-        const T* v = reinterpret_cast<const T*>(&raw);
+  for (int i = 0; i < VPT; i += kVec) {
+    if (active && i < p.vpt && e0 + i < p.num_experts) {
+      const V raw = __ldg(reinterpret_cast<const V*>(row + e0 + i));
+      const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          if (i + j < VPT) x[i + j] = to_float<T>(v[j]);
-        }
-      } else {
+      for (int j = 0; j < kVec; ++j) {
+        if (i + j < VPT) x[i + j] = (i + j < p.vpt) ? to_float<T>(v[j]) : nan;
+      }
+    } else {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          if (i + j < VPT) x[i + j] = nan;
-        }
+      for (int j = 0; j < kVec; ++j) {
+        if (i + j < VPT) x[i + j] = nan;
       }
     }
-  } else {
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      x[i] = (active && i < p.vpt && e0 + i < p.num_experts) ? to_float<T>(row[e0 + i]) : nan;
-    }
   }
-  // Lanes past the chunk hold NaN (never a candidate), also where a vector load ran past p.vpt.
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    if (i >= p.vpt || e0 + i >= p.num_experts) x[i] = nan;
+}
+
+// The widest access that divides the chunk, the row and the base address: 16, 8, 4 bytes or one element.
+template <typename T, int VPT>
+__device__ __forceinline__ void load_row(const T* __restrict__ row, bool active, int e0, int vec_bytes,
+                                         const RoutingParams& p, float (&x)[VPT]) {
+  switch (vec_bytes) {
+    case 16:
+      load_chunk<T, VPT, 16>(row, active, e0, p, x);
+      break;
+    case 8:
+      load_chunk<T, VPT, 8>(row, active, e0, p, x);
+      break;
+    case 4:
+      load_chunk<T, VPT, 4>(row, active, e0, p, x);
+      break;
+    default:
+      load_chunk<T, VPT, sizeof(T)>(row, active, e0, p, x);
+      break;
   }
 }
 
@@ -68,7 +97,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int tokens_per_warp = 32 / p.lanes;
   const int sub = lane / p.lanes;
   const int e0 = (lane & (p.lanes - 1)) * p.vpt;
-  float* stage = smem + ((p.num_experts + 3) & ~3) + (warp * tokens_per_warp + sub) * 2 * p.top_k;
+  float* stage = smem + ((p.num_experts + 3) & ~3) + (warp * tokens_per_warp + sub) * 3 * p.top_k;
 
   float bias_r[VPT];
 #pragma unroll
@@ -108,15 +137,21 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
   const int elem = kind == FloatKind::kFloat32 ? 4 : 2;
   RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
                                 static_cast<int>(top_k), renormalize, static_cast<float>(scale), 16 / elem);
-  const int vec = (p.vpt * elem) % 16 == 0 && (experts * elem) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
+  int vec = elem;
+  for (int bytes : {16, 8, 4}) {
+    if (bytes > elem && (p.vpt * elem) % bytes == 0 && (experts * elem) % bytes == 0 &&
+        reinterpret_cast<uintptr_t>(logits.data_ptr()) % bytes == 0) {
+      vec = bytes;
+      break;
+    }
+  }
   const FloatKind bkind = float_kind(bias, "e_score_correction_bias");
   const int bias_kind = bkind == FloatKind::kFloat32 ? 0 : bkind == FloatKind::kBFloat16 ? 1 : 2;
   RoutingOutputs out{scores_ptr ? static_cast<float*>(scores_ptr->data_ptr()) : nullptr,
                      static_cast<float*>(values.data_ptr()), indices.data_ptr(), index64 ? 1 : 0};
   const int device = logits.device().device_id;
   const size_t smem = ((experts + 3) & ~3) * sizeof(float) + stage_bytes(p);
-  const int blocks = grid_blocks(rows, p, device, 8);
+  const int blocks = grid_blocks(rows, p, device, 16);
   cudaStream_t stream = current_stream(logits);
   dispatch_vpt(p.vpt, [&](auto cap) {
     constexpr int VPT = decltype(cap)::value;

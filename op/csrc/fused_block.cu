@@ -33,24 +33,12 @@ __global__ void fused_block_kernel(const T* __restrict__ logits, const void* __r
     const float v = __fadd_rn(sigmoid_rn(to_float<T>(row[e])), bias_e);
     b[e] = v;
     if (isfinite(v)) {
-      if (v > top1) {
-        top2 = top1;
-        top1 = v;
-      } else if (v > top2) {
-        top2 = v;
-      }
+      push_top2(v, top1, top2);
       ++count;
     }
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float o1 = __shfl_xor_sync(kFullMask, top1, offset);
-    const float o2 = __shfl_xor_sync(kFullMask, top2, offset);
-    count += __shfl_xor_sync(kFullMask, count, offset);
-    top2 = fmaxf(fminf(top1, o1), fmaxf(top2, o2));
-    top1 = fmaxf(top1, o1);
-  }
-  const int need = epg >= 2 ? 2 : 1;
-  if (lane == 0) group_score[warp] = count >= need ? (need == 2 ? __fadd_rn(top1, top2) : top1) : neg_inf;
+  for (int offset = 16; offset > 0; offset >>= 1) merge_top2(top1, top2, count, offset);
+  if (lane == 0) group_score[warp] = group_score_of(top1, top2, count, epg >= 2 ? 2 : 1);
   __syncthreads();
   if (warp != 0) return;
 

@@ -16,8 +16,31 @@ namespace fusedgate {
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Rule 1, written with explicit round-to-nearest intrinsics so no contraction changes a bit between paths.
-__device__ __forceinline__ float sigmoid_rn(float x) {
-  return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x)));
+// The correctly rounded reciprocal equals the IEEE quotient 1 / y, at a fraction of a division's cost.
+__device__ __forceinline__ float sigmoid_rn(float x) { return __frcp_rn(__fadd_rn(1.0f, expf(-x))); }
+
+// Keep the two largest of a stream of values; a repeated maximum fills both places.
+__device__ __forceinline__ void push_top2(float v, float& top1, float& top2) {
+  if (v > top1) {
+    top2 = top1;
+    top1 = v;
+  } else if (v > top2) {
+    top2 = v;
+  }
+}
+
+// Merge the top-2 and valid counts of lanes `offset` apart (xor butterfly).
+__device__ __forceinline__ void merge_top2(float& top1, float& top2, int& count, int offset) {
+  const float o1 = __shfl_xor_sync(0xffffffffu, top1, offset);
+  const float o2 = __shfl_xor_sync(0xffffffffu, top2, offset);
+  count += __shfl_xor_sync(0xffffffffu, count, offset);
+  top2 = fmaxf(fminf(top1, o1), fmaxf(top2, o2));
+  top1 = fmaxf(top1, o1);
+}
+
+// Rule 3's group score from a group's merged top-2 and count of valid experts.
+__device__ __forceinline__ float group_score_of(float top1, float top2, int count, int need) {
+  return count >= need ? (need == 2 ? __fadd_rn(top1, top2) : top1) : __int_as_float(0xff800000);
 }
 
 // Order-preserving map from a finite float to uint32 (0 is reserved for "no candidate").
@@ -49,7 +72,7 @@ __device__ __forceinline__ float routed_weight(float s, float denom, const Routi
 
 // Route one token held by `p.lanes` lanes of the warp. Every lane of the warp calls this with the same
 // parameters (inactive sub-warps too, with `active` false and every b invalid), because it shuffles across
-// the whole warp. `stage` is this token's 2*top_k words of shared memory.
+// the whole warp. `stage` is this token's 3*top_k words of shared memory.
 template <int VPT>
 __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (&b)[VPT], int64_t token, bool active,
                                             const RoutingParams& p, RoutingOutputs out, float* stage) {
@@ -60,11 +83,10 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
   const int e0 = sub_lane * p.vpt;
   const float neg_inf = __int_as_float(0xff800000);
 
-  uint32_t candidates = 0;
+  // Selection keys, 0 for "not a candidate": computed once, so each round compares integers only.
+  uint32_t key[VPT];
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    if (isfinite(b[i])) candidates |= 1u << i;
-  }
+  for (int i = 0; i < VPT; ++i) key[i] = isfinite(b[i]) ? ordered_key(b[i]) : 0u;
 
   bool dead_group = false;
   if (p.score_groups) {
@@ -77,25 +99,13 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
       int count = 0;
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
-        if (candidates >> i & 1u) {
-          const float v = b[i];
-          if (v > top1) {
-            top2 = top1;
-            top1 = v;
-          } else if (v > top2) {
-            top2 = v;
-          }
+        if (key[i]) {
+          push_top2(b[i], top1, top2);
           ++count;
         }
       }
-      for (int offset = 1; offset < lpg; offset <<= 1) {
-        const float o1 = __shfl_xor_sync(kFullMask, top1, offset);
-        const float o2 = __shfl_xor_sync(kFullMask, top2, offset);
-        count += __shfl_xor_sync(kFullMask, count, offset);
-        top2 = fmaxf(fminf(top1, o1), fmaxf(top2, o2));
-        top1 = fmaxf(top1, o1);
-      }
-      if (count >= need) group_score = need == 2 ? __fadd_rn(top1, top2) : top1;
+      for (int offset = 1; offset < lpg; offset <<= 1) merge_top2(top1, top2, count, offset);
+      group_score = group_score_of(top1, top2, count, need);
     } else {
       // Generic layout (one token per warp): score group g in lane g.
       for (int g = 0; g < p.n_group; ++g) {
@@ -103,26 +113,13 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
         int count = 0;
 #pragma unroll
         for (int i = 0; i < VPT; ++i) {
-          const int e = e0 + i;
-          if ((candidates >> i & 1u) && e / epg == g) {
-            const float v = b[i];
-            if (v > top1) {
-              top2 = top1;
-              top1 = v;
-            } else if (v > top2) {
-              top2 = v;
-            }
+          if (key[i] && (e0 + i) / epg == g) {
+            push_top2(b[i], top1, top2);
             ++count;
           }
         }
-        for (int offset = 1; offset < 32; offset <<= 1) {
-          const float o1 = __shfl_xor_sync(kFullMask, top1, offset);
-          const float o2 = __shfl_xor_sync(kFullMask, top2, offset);
-          count += __shfl_xor_sync(kFullMask, count, offset);
-          top2 = fmaxf(fminf(top1, o1), fmaxf(top2, o2));
-          top1 = fmaxf(top1, o1);
-        }
-        if (sub_lane == g) group_score = count >= need ? (need == 2 ? __fadd_rn(top1, top2) : top1) : neg_inf;
+        for (int offset = 1; offset < 32; offset <<= 1) merge_top2(top1, top2, count, offset);
+        if (sub_lane == g) group_score = group_score_of(top1, top2, count, need);
       }
     }
     // Rank every group against the others: ties go to the lower group index.
@@ -137,34 +134,34 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
     dead_group = finite_groups < p.topk_group;
     const bool kept = my_group < p.n_group && rank < p.topk_group;
     if (p.lanes_per_group > 0) {
-      if (!kept) candidates = 0;
+      if (!kept) {
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) key[i] = 0;
+      }
     } else {
       const uint32_t kept_groups = __ballot_sync(kFullMask, kept);
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
         const int e = e0 + i;
-        if (e < p.num_experts && !(kept_groups >> (e / epg) & 1u)) candidates &= ~(1u << i);
+        if (e < p.num_experts && !(kept_groups >> (e / epg) & 1u)) key[i] = 0;
       }
     }
   }
 
-  // top_k rounds of a sub-warp arg-max; the winner's lane drops it from its candidates.
-  uint32_t chosen = 0;
+  // top_k rounds of a sub-warp arg-max. The owner of each winner records its s and id in `stage` and drops
+  // it from its keys; nothing else crosses lanes.
+  float* stage_s = stage;
+  int* stage_id = reinterpret_cast<int*>(stage + p.top_k);
+  float* stage_w = stage + 2 * p.top_k;
   bool incomplete = false;
-  float sum = 0.0f;
   for (int r = 0; r < p.top_k; ++r) {
     uint32_t best_key = 0;
     int best_i = 0;
-    float best_s = 0.0f;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      if (candidates >> i & 1u) {
-        const uint32_t key = ordered_key(b[i]);
-        if (key > best_key) {
-          best_key = key;
-          best_i = i;
-          best_s = s[i];
-        }
+      if (key[i] > best_key) {
+        best_key = key[i];
+        best_i = i;
       }
     }
     int best_e = best_key ? e0 + best_i : 0x7fffffff;
@@ -176,31 +173,36 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
         best_e = other_e;
       }
     }
-    const int owner = best_key ? best_e / p.vpt : sub_lane;
-    const float winner_s = __shfl_sync(kFullMask, best_s, sub_base + owner);
-    if (best_key == 0) {
-      incomplete = true;
-    } else {
-      if (owner == sub_lane) {
-        candidates &= ~(1u << (best_e - e0));
-        chosen |= 1u << (best_e - e0);
+    incomplete |= best_key == 0;
+    const int local = best_e - e0;
+    if (best_key != 0 && local >= 0 && local < p.vpt) {
+      float chosen_s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        if (i == local) {
+          chosen_s = s[i];
+          key[i] = 0;
+        }
       }
-      sum = __fadd_rn(sum, winner_s);
-    }
-    if (sub_lane == 0) {
-      stage[r] = winner_s;
-      stage[p.top_k + r] = __int_as_float(best_e);
+      stage_s[r] = chosen_s;
+      stage_id[r] = best_e;
     }
   }
   __syncwarp();
 
   const bool fallback = dead_group || incomplete;
+  // Rule 5's sum, in output order, as every path adds it.
+  float sum = 0.0f;
+  if (!fallback) {
+    for (int r = 0; r < p.top_k; ++r) sum = __fadd_rn(sum, stage_s[r]);
+  }
   const float denom = __fadd_rn(sum, 1e-20f);
   const float fallback_w = __fdiv_rn(1.0f, static_cast<float>(p.top_k));
-  if (active) {
-    for (int r = sub_lane; r < p.top_k; r += lanes) {
-      const float w = fallback ? fallback_w : routed_weight(stage[r], denom, p);
-      const int id = fallback ? r : __float_as_int(stage[p.top_k + r]);
+  for (int r = sub_lane; r < p.top_k; r += lanes) {
+    const float w = fallback ? fallback_w : routed_weight(stage_s[r], denom, p);
+    const int id = fallback ? r : stage_id[r];
+    stage_w[r] = w;
+    if (active) {
       out.values[token * p.top_k + r] = w;
       if (out.index64) {
         static_cast<int64_t*>(out.indices)[token * p.top_k + r] = id;
@@ -208,31 +210,30 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
         static_cast<int32_t*>(out.indices)[token * p.top_k + r] = id;
       }
     }
-    if (out.scores != nullptr) {
-      float* row = out.scores + token * p.num_experts;
-      float w[VPT];
+  }
+  if (active && out.scores != nullptr) {
+    // Zero this lane's slice, then the lanes that hold weights scatter them; __syncwarp orders the two.
+    float* row = out.scores + token * p.num_experts;
+    const bool vec = (p.num_experts % 4 == 0) && (p.vpt % 4 == 0) &&
+                     (reinterpret_cast<uintptr_t>(out.scores) % 16 == 0);
+    if (vec) {
+#pragma unroll
+      for (int i = 0; i < VPT; i += 4) {
+        if (i < p.vpt && e0 + i < p.num_experts) {
+          *reinterpret_cast<float4*>(row + e0 + i) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+      }
+    } else {
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
-        const int e = e0 + i;
-        w[i] = fallback ? (e < p.top_k ? fallback_w : 0.0f)
-                        : ((chosen >> i & 1u) ? routed_weight(s[i], denom, p) : 0.0f);
-      }
-      const bool vec = (p.num_experts % 4 == 0) && (p.vpt % 4 == 0) &&
-                       (reinterpret_cast<uintptr_t>(out.scores) % 16 == 0);
-      if (vec) {
-#pragma unroll
-        for (int i = 0; i < VPT; i += 4) {
-          if (i < p.vpt && e0 + i < p.num_experts) {
-            *reinterpret_cast<float4*>(row + e0 + i) = make_float4(w[i], w[i + 1], w[i + 2], w[i + 3]);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          if (i < p.vpt && e0 + i < p.num_experts) row[e0 + i] = w[i];
-        }
+        if (i < p.vpt && e0 + i < p.num_experts) row[e0 + i] = 0.0f;
       }
     }
+  }
+  __syncwarp();
+  if (active && out.scores != nullptr) {
+    float* row = out.scores + token * p.num_experts;
+    for (int r = sub_lane; r < p.top_k; r += lanes) row[fallback ? r : stage_id[r]] = stage_w[r];
   }
   __syncwarp();
 }

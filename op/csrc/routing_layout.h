@@ -50,13 +50,15 @@ inline RoutingParams make_params(int num_experts, int n_group, int topk_group, i
   p.score_groups = topk_group < n_group ? 1 : 0;
   const int epg = num_experts / n_group;
   if (p.score_groups) {
-    for (int lpg = 1; lpg <= 32; lpg <<= 1) {
-      if (epg % lpg == 0 && epg / lpg <= 32 && n_group * lpg <= 32) {
-        p.lanes_per_group = lpg;
-        p.vpt = epg / lpg;
-        p.lanes = next_pow2(n_group * lpg);
-        return p;
-      }
+    // Spread each group over as many lanes as fit (short serial chains per token), but keep at least 8
+    // experts per lane where the group has them, so loads stay wide.
+    for (int lpg = 32; lpg >= 1; lpg >>= 1) {
+      if (n_group * lpg > 32 || epg % lpg != 0 || epg / lpg > 32) continue;
+      if (lpg > 1 && epg / lpg < 8) continue;
+      p.lanes_per_group = lpg;
+      p.vpt = epg / lpg;
+      p.lanes = next_pow2(n_group * lpg);
+      return p;
     }
     // No lane-aligned layout: one token per warp, groups scored one at a time.
     p.lanes_per_group = 0;
@@ -64,8 +66,10 @@ inline RoutingParams make_params(int num_experts, int n_group, int topk_group, i
     p.vpt = (num_experts + 31) / 32;
     return p;
   }
-  p.lanes = next_pow2((num_experts + 31) / 32);
-  int vpt = (num_experts + p.lanes - 1) / p.lanes;
+  // About 8 experts per lane: the per-token chain of selection rounds is short, and 16-byte loads remain.
+  p.lanes = next_pow2((num_experts + 7) / 8);
+  if (p.lanes > 32) p.lanes = 32;
+  const int vpt = (num_experts + p.lanes - 1) / p.lanes;
   const int rounded = (vpt + vec_elems - 1) / vec_elems * vec_elems;
   p.vpt = rounded <= 32 ? rounded : vpt;
   return p;

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int tokens_per_warp = 32 / p.lanes;
   const int sub = lane / p.lanes;
   const int e0 = (lane & (p.lanes - 1)) * p.vpt;
-  float* stage = stage_all + (warp * tokens_per_warp + sub) * 2 * p.top_k;
+  float* stage = stage_all + (warp * tokens_per_warp + sub) * 3 * p.top_k;
   const float nan = __int_as_float(0x7fc00000);
 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -145,7 +145,7 @@ void noaux_tc(TensorView scores, TensorView biased, TensorView values, TensorVie
                   reinterpret_cast<uintptr_t>(biased.data_ptr()) % 16 == 0;
   RoutingOutputs out{static_cast<float*>(scores.data_ptr()), static_cast<float*>(values.data_ptr()),
                      indices.data_ptr(), index64 ? 1 : 0};
-  const int blocks = grid_blocks(rows, p, scores.device().device_id, 8);
+  const int blocks = grid_blocks(rows, p, scores.device().device_id, 16);
   cudaStream_t stream = current_stream(scores);
   dispatch_vpt(p.vpt, [&](auto cap) {
     constexpr int VPT = decltype(cap)::value;
