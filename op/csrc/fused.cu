@@ -82,40 +82,49 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     fused_grouped_topk_kernel(const T* __restrict__ logits, const void* __restrict__ bias, int bias_kind,
                               RoutingOutputs out, const int32_t* __restrict__ num_tokens_ptr, int64_t num_tokens,
                               RoutingParams p, int vec) {
-  extern __shared__ float smem[];
-  float* bias_f = smem;
-  for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) {
-    bias_f[i] = bias_kind == 0   ? load_bias<float>(bias, i)
-                : bias_kind == 1 ? load_bias<__nv_bfloat16>(bias, i)
-                                 : load_bias<__half>(bias, i);
-  }
-  __syncthreads();
-
+  extern __shared__ float stage_all[];
   const int64_t tokens = effective_tokens(num_tokens, num_tokens_ptr);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int tokens_per_warp = 32 / p.lanes;
   const int sub = lane / p.lanes;
   const int e0 = (lane & (p.lanes - 1)) * p.vpt;
-  float* stage = smem + ((p.num_experts + 3) & ~3) + (warp * tokens_per_warp + sub) * 3 * p.top_k;
+  float* stage = stage_all + (warp * tokens_per_warp + sub) * 3 * p.top_k;
 
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock * tokens_per_warp;
+  int64_t base = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * tokens_per_warp;
+  // The first row's loads go out before the bias's, so the two memory round trips overlap.
+  float x[VPT];
+  load_row<T, VPT>(logits + (base + sub < tokens ? base + sub : 0) * p.num_experts, base + sub < tokens, e0, vec, p,
+                   x);
+  // Each lane keeps the bias of its own experts in registers for the whole grid-stride loop.
   float bias_r[VPT];
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) bias_r[i] = (i < p.vpt && e0 + i < p.num_experts) ? bias_f[e0 + i] : 0.0f;
+  for (int i = 0; i < VPT; ++i) {
+    const int e = e0 + i;
+    const bool in = i < p.vpt && e < p.num_experts;
+    bias_r[i] = !in               ? 0.0f
+                : bias_kind == 0 ? load_bias<float>(bias, e)
+                : bias_kind == 1 ? load_bias<__nv_bfloat16>(bias, e)
+                                 : load_bias<__half>(bias, e);
+  }
 
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * tokens_per_warp; base < tokens;
-       base += warps * tokens_per_warp) {
+  for (; base < tokens; base += step) {
     const int64_t token = base + sub;
     const bool active = token < tokens;
+    // Prefetch the next row this sub-warp routes, so its loads are in flight while this one is routed.
+    const int64_t next = token + step;
+    float x_next[VPT];
+    load_row<T, VPT>(logits + (next < tokens ? next : 0) * p.num_experts, next < tokens, e0, vec, p, x_next);
     float s[VPT], b[VPT];
-    load_row<T, VPT>(logits + (active ? token : 0) * p.num_experts, active, e0, vec, p, s);
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      s[i] = sigmoid_rn(s[i]);
+      s[i] = sigmoid_rn(x[i]);
       b[i] = __fadd_rn(s[i], bias_r[i]);
     }
     route_token<VPT>(s, b, token, active, p, out, stage);
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) x[i] = x_next[i];
   }
 }
 
@@ -150,7 +159,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
   RoutingOutputs out{scores_ptr ? static_cast<float*>(scores_ptr->data_ptr()) : nullptr,
                      static_cast<float*>(values.data_ptr()), indices.data_ptr(), index64 ? 1 : 0};
   const int device = logits.device().device_id;
-  const size_t smem = ((experts + 3) & ~3) * sizeof(float) + stage_bytes(p);
+  const size_t smem = stage_bytes(p);
   const int blocks = grid_blocks(rows, p, device, 16);
   cudaStream_t stream = current_stream(logits);
   dispatch_vpt(p.vpt, [&](auto cap) {

@@ -81,6 +81,7 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
   const int sub_lane = lane & (lanes - 1);
   const int sub_base = lane - sub_lane;
   const int e0 = sub_lane * p.vpt;
+  const unsigned sub_mask = lanes == 32 ? kFullMask : ((1u << lanes) - 1u) << sub_base;
   const float neg_inf = __int_as_float(0xff800000);
 
   // Selection keys, 0 for "not a candidate": computed once, so each round compares integers only.
@@ -164,15 +165,12 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
         best_i = i;
       }
     }
-    int best_e = best_key ? e0 + best_i : 0x7fffffff;
-    for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
-      const uint32_t other_key = __shfl_xor_sync(kFullMask, best_key, offset);
-      const int other_e = __shfl_xor_sync(kFullMask, best_e, offset);
-      if (other_key > best_key || (other_key == best_key && other_e < best_e)) {
-        best_key = other_key;
-        best_e = other_e;
-      }
-    }
+    // Arg-max over the sub-warp in two hardware reductions: the largest key, then the lowest expert
+    // holding it (equal keys are equal b; the lower index wins).
+    const uint32_t own_key = best_key;
+    best_key = __reduce_max_sync(sub_mask, own_key);
+    const int best_e = static_cast<int>(
+        __reduce_min_sync(sub_mask, own_key == best_key && best_key ? static_cast<uint32_t>(e0 + best_i) : 0x7fffffffu));
     incomplete |= best_key == 0;
     const int local = best_e - e0;
     if (best_key != 0 && local >= 0 && local < p.vpt) {
