@@ -145,7 +145,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
 
   const int elem = kind == FloatKind::kFloat32 ? 4 : 2;
   RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
-                                static_cast<int>(top_k), renormalize, static_cast<float>(scale), 16 / elem);
+                                static_cast<int>(top_k), renormalize, static_cast<float>(scale), 8 / elem);
   int vec = elem;
   for (int bytes : {16, 8, 4}) {
     if (bytes > elem && (p.vpt * elem) % bytes == 0 && (experts * elem) % bytes == 0 &&

@@ -16,8 +16,10 @@ namespace fusedgate {
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Rule 1, written with explicit round-to-nearest intrinsics so no contraction changes a bit between paths.
-// The correctly rounded reciprocal equals the IEEE quotient 1 / y, at a fraction of a division's cost.
-__device__ __forceinline__ float sigmoid_rn(float x) { return __frcp_rn(__fadd_rn(1.0f, expf(-x))); }
+// The correctly rounded reciprocal equals the IEEE quotient 1 / y at a fraction of a division's cost. The
+// exponential is the hardware one (ex2.approx of x * log2 e): its error in s stays far below the alignment
+// standard's 8 ulp at 1.0 in b and 1e-5 relative in the weights, and every GPU path shares this function.
+__device__ __forceinline__ float sigmoid_rn(float x) { return __frcp_rn(__fadd_rn(1.0f, __expf(-x))); }
 
 // Keep the two largest of a stream of values; a repeated maximum fills both places.
 __device__ __forceinline__ void push_top2(float v, float& top1, float& top2) {

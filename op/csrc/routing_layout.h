@@ -36,8 +36,8 @@ inline int next_pow2(int v) {
 // Capacity (compile-time experts per lane) the kernels are instantiated for.
 inline int vpt_capacity(int vpt) { return vpt <= 8 ? 8 : vpt <= 16 ? 16 : vpt <= 24 ? 24 : 32; }
 
-// `vec_elems` is how many experts fill 16 bytes; chunk sizes are rounded up to it where that keeps every
-// chunk start 16-byte aligned, so the loads can be vectorised.
+// `vec_elems` is how many experts fill 8 bytes; chunk sizes are rounded up to it so every chunk start stays
+// 8-byte aligned and the loads can be vectorised, without padding lanes with work they do not need.
 inline RoutingParams make_params(int num_experts, int n_group, int topk_group, int top_k, bool renormalize,
                                  float scale, int vec_elems) {
   RoutingParams p{};
@@ -66,7 +66,7 @@ inline RoutingParams make_params(int num_experts, int n_group, int topk_group, i
     p.vpt = (num_experts + 31) / 32;
     return p;
   }
-  // About 8 experts per lane: the per-token chain of selection rounds is short, and 16-byte loads remain.
+  // About 8 experts per lane: the per-token chain of selection rounds is short, and wide loads remain.
   p.lanes = next_pow2((num_experts + 7) / 8);
   if (p.lanes > 32) p.lanes = 32;
   const int vpt = (num_experts + p.lanes - 1) / p.lanes;
