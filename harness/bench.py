@@ -148,7 +148,7 @@ def _print_table(table, args, bandwidth, elem) -> None:
             n for n in ("fused", "fused_noscores", "two_kernel", "fused_block", "composite_torch") if n in args.paths
         ]
         head = " | ".join(names)
-        extra = " | floor scores µs | fused/floor" if mode == "cold" else ""
+        extra = " | floor scores µs | floor / fused" if mode == "cold" else ""
         print(f"\n{mode} L2, {launch} launch, {args.dtype}, µs per call (median)")
         print(f"| preset | T | {head} | two_kernel / fused | fused_block / fused{extra} |")
         print("|" + "---|" * (len(names) + 4 + (2 if extra else 0)))
