@@ -1,0 +1,250 @@
+"""Capture a routing path once per batch bucket; serve any token count by copy-in, padding and one replay.
+
+One static input set and one static output set sized for the largest bucket are allocated at start (bucket b
+uses their first b rows), and every bucket's graph is captured into one shared memory pool. With
+``skip_padding`` the token count is written into a device scalar that the captured kernels read as
+``num_tokens``, so padded rows cost nothing; without it the padded rows are computed on whatever earlier calls
+left there, which rule 7 keeps harmless (every computed row gets valid, distinct ids).
+
+The framework-specific part is a small backend (allocation, copy, graph capture and replay); everything else
+is shared between PyTorch and Paddle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import nvtx
+
+from graphs.buckets import BucketTable
+from op.configs import RoutingConfig
+
+NVTX_DOMAIN = "fusedgate"
+PATHS_WITH_NUM_TOKENS = ("fused", "two_kernel", "fused_block")
+GRAPH_PATHS = (*PATHS_WITH_NUM_TOKENS, "composite_torch")
+
+
+def _path_function(path: str) -> Callable[..., tuple]:
+    import op
+
+    if path == "composite_torch":
+        from op.composite import composite_torch
+
+        return composite_torch
+    functions = {
+        "fused": op.grouped_topk,
+        "two_kernel": op.two_kernel_grouped_topk,
+        "fused_block": op.fused_block_grouped_topk,
+    }
+    if path not in functions:
+        raise ValueError(f"path={path!r} cannot be captured: allowed {', '.join(GRAPH_PATHS)}")
+    return functions[path]
+
+
+class _TorchBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphRunner(framework='torch') needs a CUDA GPU visible to torch")
+        self.torch = torch
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+
+    def empty(self, shape: Sequence[int], dtype: str) -> Any:
+        return self.torch.empty(tuple(shape), dtype=getattr(self.torch, dtype), device="cuda")
+
+    def full(self, shape: Sequence[int], value: float, dtype: str) -> Any:
+        return self.torch.full(tuple(shape), value, dtype=getattr(self.torch, dtype), device="cuda")
+
+    def warm_up(self, fn: Callable[[], Any]) -> None:
+        self.stream.wait_stream(self.torch.cuda.current_stream())
+        with self.torch.cuda.stream(self.stream):
+            fn()
+        self.torch.cuda.current_stream().wait_stream(self.stream)
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+        graph = self.torch.cuda.CUDAGraph()
+        with self.torch.cuda.graph(graph, pool=self.pool):
+            result = fn()
+        return graph, result
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+    def synchronize(self) -> None:
+        self.torch.cuda.synchronize()
+
+    def memory_in_use(self) -> int:
+        return int(self.torch.cuda.memory_reserved())
+
+    def rows(self, tensor: Any, count: int) -> Any:
+        return tensor[:count]
+
+    def copy(self, dst: Any, src: Any) -> None:
+        dst.copy_(src)
+
+    def num_rows(self, tensor: Any) -> int:
+        return int(tensor.shape[0])
+
+
+class _PaddleBackend(_TorchBackend):
+    """Paddle GPU graphs (``paddle.device.cuda.graphs.CUDAGraph`` with one shared pool id)."""
+
+    name = "paddle"
+
+    def __init__(self) -> None:
+        import paddle
+
+        if not paddle.device.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
+            raise RuntimeError("GraphRunner(framework='paddle') needs a Paddle GPU build and a visible GPU")
+        self.paddle = paddle
+        self.pool = paddle.base.core.CUDAGraph.gen_new_memory_pool_id()
+
+    def empty(self, shape: Sequence[int], dtype: str) -> Any:
+        return self.paddle.empty(list(shape), dtype=dtype)
+
+    def full(self, shape: Sequence[int], value: float, dtype: str) -> Any:
+        return self.paddle.full(list(shape), value, dtype=dtype)
+
+    def warm_up(self, fn: Callable[[], Any]) -> None:
+        fn()
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+        from paddle.device.cuda.graphs import CUDAGraph
+
+        graph = CUDAGraph(pool_id=self.pool)
+        graph.capture_begin()
+        try:
+            result = fn()
+        finally:
+            graph.capture_end()
+        return graph, result
+
+    def synchronize(self) -> None:
+        self.paddle.device.cuda.synchronize()
+
+    def memory_in_use(self) -> int:
+        return int(self.paddle.device.cuda.memory_reserved())
+
+    def copy(self, dst: Any, src: Any) -> None:
+        self.paddle.assign(src.astype(dst.dtype), output=dst)
+
+
+_BACKENDS = {"torch": _TorchBackend, "paddle": _PaddleBackend}
+
+
+class GraphRunner:
+    """Graph replays of one routing path at fixed batch buckets.
+
+    ``runner(logits, bias)`` returns ``(scores, topk_values, topk_indices)``. For ``T`` up to the largest bucket
+    they are views of the runner's static outputs, valid until the next call on the same runner: a caller that
+    keeps them copies them. Above the largest bucket the call replays in chunks into newly allocated outputs,
+    which the caller owns.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        config: RoutingConfig,
+        buckets: Sequence[int],
+        dtype: str,
+        framework: str = "torch",
+        *,
+        index_dtype: str = "int64",
+        return_scores: bool = True,
+        skip_padding: bool = True,
+        name: str = "",
+    ):
+        if framework not in _BACKENDS:
+            raise ValueError(f"framework={framework!r} is not supported: allowed {', '.join(_BACKENDS)}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={dtype!r} is not supported: allowed float32, bfloat16, float16")
+        self.path, self.config, self.dtype = path, config, dtype
+        self.name = name or f"E{config.num_experts}"
+        self.table = BucketTable(buckets)
+        self.index_dtype, self.return_scores = index_dtype, return_scores
+        self.skip_padding = skip_padding and path in PATHS_WITH_NUM_TOKENS
+        self._route = _path_function(path)
+        self._backend = _BACKENDS[framework]()
+        b = self._backend
+        largest, experts, k = self.table.largest, config.num_experts, config.top_k
+        memory_before = b.memory_in_use()
+        # Inputs start as zeros: defined data in every padding row, whatever the first call brings.
+        self.static_logits = b.full((largest, experts), 0.0, dtype)
+        self.static_bias = b.full((experts,), 0.0, "float32")
+        self.static_num_tokens = b.full((1,), largest, "int32")
+        self._static_out = (
+            b.empty((largest, experts), "float32") if return_scores else None,
+            b.empty((largest, k), "float32"),
+            b.empty((largest, k), index_dtype),
+        )
+        self._graphs: dict[int, Any] = {}
+        self._outputs: dict[int, tuple] = {}
+        start = time.perf_counter()
+        for bucket in self.table.buckets:
+            b.warm_up(lambda bucket=bucket: self._launch(bucket))
+            self._graphs[bucket], self._outputs[bucket] = b.capture(lambda bucket=bucket: self._launch(bucket))
+        b.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        self.memory_bytes = b.memory_in_use() - memory_before
+
+    def _launch(self, bucket: int) -> tuple:
+        b = self._backend
+        kwargs: dict[str, Any] = {"index_dtype": self.index_dtype, "return_scores": self.return_scores}
+        if self.path in PATHS_WITH_NUM_TOKENS:
+            kwargs["out"] = tuple(None if t is None else b.rows(t, bucket) for t in self._static_out)
+            if self.skip_padding:
+                kwargs["num_tokens"] = self.static_num_tokens
+        return self._route(b.rows(self.static_logits, bucket), self.static_bias, *self.config.args(), **kwargs)
+
+    def _replay(self, logits: Any, bias: Any, count: int) -> tuple:
+        bucket = self.table.bucket_for(count)
+        b = self._backend
+        b.copy(b.rows(self.static_logits, count), logits)
+        b.copy(self.static_bias, bias.reshape(self.static_bias.shape))
+        if self.skip_padding:
+            self.static_num_tokens.fill_(count)
+        with nvtx.annotate(f"{self.path}:{self.name}:bucket{bucket}", domain=NVTX_DOMAIN):
+            b.replay(self._graphs[bucket])
+        return tuple(None if t is None else b.rows(t, count) for t in self._outputs[bucket])
+
+    def __call__(self, logits: Any, bias: Any) -> tuple:
+        b = self._backend
+        if len(logits.shape) != 2 or int(logits.shape[1]) != self.config.num_experts:
+            raise ValueError(f"gating_output must have shape [T, {self.config.num_experts}], got {tuple(logits.shape)}")
+        count = b.num_rows(logits)
+        if count == 0:
+            k = self.config.top_k
+            return (
+                b.empty((0, self.config.num_experts), "float32") if self.return_scores else None,
+                b.empty((0, k), "float32"),
+                b.empty((0, k), self.index_dtype),
+            )
+        if count <= self.table.largest:
+            return self._replay(logits, bias, count)
+        k = self.config.top_k
+        owned = (
+            b.empty((count, self.config.num_experts), "float32") if self.return_scores else None,
+            b.empty((count, k), "float32"),
+            b.empty((count, k), self.index_dtype),
+        )
+        for chunk in self.table.chunks(count):
+            part = self._replay(logits[chunk.start : chunk.start + chunk.size], bias, chunk.size)
+            for dst, src in zip(owned, part, strict=True):
+                if dst is not None:
+                    b.copy(dst[chunk.start : chunk.start + chunk.size], src)
+        return owned
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "buckets": len(self.table.buckets),
+            "largest": self.table.largest,
+            "capture_seconds": self.capture_seconds,
+            "memory_bytes": self.memory_bytes,
+        }
