@@ -7,12 +7,22 @@ take the C++ CPU kernel (path ``cpu_kernel``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
 from op.build import library
 from op.checks import check_routing_inputs, dtype_name
+
+# Validation depends only on shapes, dtypes and the routing arguments: repeated calls of one signature (the
+# common case in serving) skip it after the first. Errors are raised, never cached.
+_check_cached = functools.lru_cache(maxsize=1024)(check_routing_inputs)
+
+
+@functools.cache
+def _entry(name: str) -> Any:
+    return getattr(library(), name)
 
 
 def _framework(tensor: Any) -> str:
@@ -160,12 +170,11 @@ def _single_launch(entry: str, need_cuda: bool):
         scores, values, ids = _outputs(gating_output, framework, rows, experts, top_k, index_dtype, return_scores, out)
         if rows == 0:
             return scores, values, ids
-        lib = library()
         args = (n_group, topk_group, top_k, bool(renormalize), float(routed_scaling_factor))
         if cuda:
-            getattr(lib, entry)(gating_output, e_score_correction_bias, scores, values, ids, num_tokens, *args)
+            _entry(entry)(gating_output, e_score_correction_bias, scores, values, ids, num_tokens, *args)
         else:
-            lib.cpu_grouped_topk(
+            _entry("cpu_grouped_topk")(
                 _host_friendly(gating_output, framework),
                 _host_friendly(e_score_correction_bias, framework),
                 scores,
@@ -200,7 +209,7 @@ def cast_sigmoid_bias(gating_output: Any, e_score_correction_bias: Any, *, num_t
     scores = _empty(gating_output, framework, (rows, experts), "float32")
     biased = _empty(gating_output, framework, (rows, experts), "float32")
     if rows:
-        library().cast_sigmoid_bias(gating_output, e_score_correction_bias, scores, biased, num_tokens)
+        _entry("cast_sigmoid_bias")(gating_output, e_score_correction_bias, scores, biased, num_tokens)
     return scores, biased
 
 
@@ -242,7 +251,7 @@ def noaux_tc(
     values = _empty(scores, framework, (rows, top_k), "float32")
     ids = _empty(scores, framework, (rows, top_k), index_dtype)
     if rows:
-        library().noaux_tc(
+        _entry("noaux_tc")(
             scores,
             scores_with_bias,
             values,
@@ -289,9 +298,8 @@ def two_kernel_grouped_topk(
         scores = _empty(gating_output, framework, (rows, experts), "float32")
     biased = _empty(gating_output, framework, (rows, experts), "float32")
     if rows:
-        lib = library()
-        lib.cast_sigmoid_bias(gating_output, e_score_correction_bias, scores, biased, num_tokens)
-        lib.noaux_tc(
+        _entry("cast_sigmoid_bias")(gating_output, e_score_correction_bias, scores, biased, num_tokens)
+        _entry("noaux_tc")(
             scores,
             biased,
             values,

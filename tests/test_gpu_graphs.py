@@ -120,3 +120,15 @@ def test_paddle_runner_matches_eager(seed):
         expected = op.grouped_topk(x, bias, *config.args())
         for a, e in zip(got, expected, strict=True):
             assert bool((a == e).all())
+
+
+def test_bias_changes_between_calls_are_seen(seed):
+    config = PRESETS["deepseek_v3"]
+    runner = GraphRunner("fused", config, [8], "bfloat16")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x, bias = inputs(config, 8, generator)
+    assert_same(runner(x, bias), op.grouped_topk(x, bias, *config.args()))
+    bias.add_(torch.randn(256, generator=generator, device="cuda"))  # in place: same object, new version
+    assert_same(runner(x, bias), op.grouped_topk(x, bias, *config.args()))
+    other = torch.randn(256, generator=generator, device="cuda")
+    assert_same(runner(x, other), op.grouped_topk(x, other, *config.args()))
