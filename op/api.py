@@ -244,10 +244,9 @@ def noaux_tc(
         "noaux_tc",
         bias_shape=tuple(scores.shape[-1:]),
     )
-    if tuple(scores_with_bias.shape) != tuple(scores.shape) or dtype_name(scores_with_bias.dtype) != "float32":
-        raise ValueError(f"scores_with_bias must be float32 with the shape of scores {tuple(scores.shape)}")
-    if dtype_name(scores.dtype) != "float32":
-        raise ValueError(f"scores must be float32, got {dtype_name(scores.dtype)}")
+    for name, tensor in (("scores", scores), ("scores_with_bias", scores_with_bias)):
+        if dtype_name(tensor.dtype) != "float32":
+            raise ValueError(f"{name} must be float32, got {dtype_name(tensor.dtype)}")
     values = _empty(scores, framework, (rows, top_k), "float32")
     ids = _empty(scores, framework, (rows, top_k), index_dtype)
     if rows:

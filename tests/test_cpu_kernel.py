@@ -106,3 +106,17 @@ def test_library_rejects_bad_shapes_at_the_c_boundary():
             True,
             1.0,
         )
+
+
+def test_cuda_only_entry_points_reject_cpu_tensors():
+    from op import cast_sigmoid_bias, noaux_tc, two_kernel_grouped_topk
+
+    x = np.zeros((4, 256), np.float32)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        cast_sigmoid_bias(x, np.zeros(256, np.float32))
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        noaux_tc(x, x.copy(), 8, 4, 8, True, 1.0)
+    with pytest.raises(ValueError, match="must equal scores shape"):
+        noaux_tc(x, x[:2].copy(), 8, 4, 8, True, 1.0)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        two_kernel_grouped_topk(x, np.zeros(256, np.float32), 8, 4, 8, True, 1.0)

@@ -190,3 +190,15 @@ def test_fused_is_exactly_one_kernel_launch(seed):
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         assert len(kernels) == 3 * expected, f"{path}: {[e.name for e in kernels]}"
+
+
+def test_public_two_kernel_entry_points_compose(seed):
+    from op import cast_sigmoid_bias, noaux_tc
+
+    config = PRESETS["deepseek_v3"]
+    x, bias = generate_input(config, 333, "bfloat16", seed)
+    xd, bd = to_device(x), to_device(bias)
+    scores, biased = cast_sigmoid_bias(xd, bd)
+    out = noaux_tc(scores, biased, *config.args())
+    assert out[0] is scores
+    assert_bit_identical({"composed": out, "two_kernel": two_kernel_grouped_topk(xd, bd, *config.args())})
