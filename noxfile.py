@@ -8,6 +8,7 @@ own CUDA build of torch and may have no package index.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -44,6 +45,10 @@ def tests(session: nox.Session) -> None:
     _install_project(session)
     session.run("python", "-m", "pytest", "-n", "auto", *session.posargs)
 
+
+# Harness sessions run in the host's interpreter where a GPU driver is present (its torch has CUDA), and in
+# their own virtualenv elsewhere.
+HARNESS_BACKEND = "none" if shutil.which("nvidia-smi") else "virtualenv"
 
 GPU_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
 
@@ -83,3 +88,37 @@ def bench(session: nox.Session) -> None:
     session.run("python3", "-m", "op.build", env=GPU_ENV)
     args = session.posargs or ["--csv", "reports/bench/results.csv"]
     session.run("python3", "-m", "harness.bench", *args, env=GPU_ENV)
+
+
+def _harness(session: nox.Session, *args: str) -> None:
+    if HARNESS_BACKEND == "none":
+        session.run("python3", "-m", "op.build", env=GPU_ENV)
+        session.run("python3", "-m", "harness.cli", *args, *session.posargs, env=GPU_ENV)
+    else:
+        _install_project(session)
+        session.run("fusedgate", *args, *session.posargs)
+
+
+@nox.session(venv_backend=HARNESS_BACKEND)
+def report(session: nox.Session) -> None:
+    """The main job: alignment, crossover sweep and plots into reports/<date>-<card>/ (CPU paths without a GPU)."""
+    _harness(session, "report")
+
+
+@nox.session(venv_backend=HARNESS_BACKEND)
+def align(session: nox.Session) -> None:
+    """Alignment matrix of every available path against the reference; non-zero exit on any failure."""
+    _harness(session, "align")
+
+
+@nox.session(venv_backend=HARNESS_BACKEND)
+def crossover(session: nox.Session) -> None:
+    """Crossover sweep of the default path pairs (fused and fused_block against two_kernel on a GPU)."""
+    _harness(session, "crossover")
+
+
+@nox.session(venv_backend="none")
+def profile(session: nox.Session) -> None:
+    """Nsight Compute over one bench configuration's NVTX range (default deepseek_v3, T=8192, fused)."""
+    session.run("python3", "-m", "op.build", env=GPU_ENV)
+    session.run("python3", "-m", "harness.cli", "profile", *session.posargs, env=GPU_ENV)

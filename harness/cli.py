@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -34,23 +35,153 @@ def _reference_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    from harness.align import run_alignment
+    from harness.paths import CPU_PATHS, GPU_PATHS, cuda_reason
+
+    paths = args.path or list(CPU_PATHS + (GPU_PATHS if cuda_reason() is None else ()))
+    result = run_alignment(paths, args.preset or sorted(ALL_CONFIGS), args.dtype, args.tokens, args.distribution)
+    if args.csv:
+        from harness.report import write_csv
+
+        write_csv(Path(args.csv), result.rows)
+    print(result.table)
+    for name, reason in result.skipped.items():
+        print(f"skipped {name}: {reason}")
+    for failure in result.failures:
+        print(f"FAIL {failure}")
+    return 0 if result.ok else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from harness.report import run_report
+
+    folder = run_report(
+        Path(args.out),
+        args.preset or sorted(PRESETS),
+        args.dtype,
+        args.tokens,
+        args.align_tokens,
+        args.repeats,
+        Path(args.compare) if args.compare else None,
+    )
+    print(f"report written to {folder / 'report.md'}")
+    return 0
+
+
+def _crossover(args: argparse.Namespace) -> int:
+    from harness.crossover import BOOTSTRAP_METHOD, describe
+    from harness.paths import cuda_reason
+    from harness.sweep import DEFAULT_CPU_PAIRS, DEFAULT_GPU_PAIRS, run_sweep
+
+    on_gpu = cuda_reason() is None
+    pairs = (
+        [tuple(p.split(":")) for p in args.pair] if args.pair else (DEFAULT_GPU_PAIRS if on_gpu else DEFAULT_CPU_PAIRS)
+    )
+    print(f"speedup bands: {BOOTSTRAP_METHOD}, n = {args.repeats} repeats per point")
+    for preset in args.preset or sorted(PRESETS):
+        _, bands = run_sweep(preset, args.dtype, args.tokens, pairs, on_gpu, repeats=args.repeats)
+        for pair, pair_bands in bands.items():
+            candidate, baseline = pair.split(" vs ")
+            print(f"{preset}: {pair}: {describe(pair_bands, candidate, baseline)}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from harness.profile import profile
+
+    return profile(args.path, args.preset, args.dtype, args.tokens, Path(args.out))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from harness.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def _token_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token counts") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: token counts must be integers >= 0")
+    return values
+
+
+def _positive_token_list(text: str) -> list[int]:
+    values = _token_list(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: token counts must be >= 1 here")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    dtypes = ["float32", "bfloat16", "float16"]
+
     ref = commands.add_parser("reference", help="route a generated batch with the numpy reference and time it")
     ref.add_argument("--preset", action="append", choices=sorted(ALL_CONFIGS), help="repeatable; default: all presets")
     ref.add_argument("--tokens", type=int, default=65536)
-    ref.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    ref.add_argument("--dtype", choices=dtypes, default="bfloat16")
     ref.add_argument("--distribution", choices=DISTRIBUTIONS, default="randn")
     ref.add_argument("--seed", type=int, default=0)
     ref.set_defaults(run=_reference_table)
+
+    align = commands.add_parser("align", help="alignment matrix of every available path against the reference")
+    align.add_argument("--path", action="append", help="repeatable; default: every available path")
+    align.add_argument("--preset", action="append", choices=sorted(ALL_CONFIGS))
+    align.add_argument("--dtype", action="append", choices=dtypes, default=None)
+    align.add_argument("--tokens", type=_token_list, default=[1, 7, 128, 1000])
+    align.add_argument("--distribution", action="append", choices=DISTRIBUTIONS)
+    align.add_argument("--csv", default="")
+    align.set_defaults(run=_align)
+
+    report = commands.add_parser("report", help="alignment, crossover sweep and plots into reports/<date>-<card>/")
+    report.add_argument("--out", default="reports")
+    report.add_argument("--preset", action="append", choices=sorted(ALL_CONFIGS))
+    report.add_argument("--dtype", choices=dtypes, default="bfloat16")
+    report.add_argument(
+        "--tokens", type=_positive_token_list, default=None, help="default: 1..65536 on a GPU, 1..4096 on the CPU"
+    )
+    report.add_argument("--align-tokens", type=_token_list, default=[1, 7, 128])
+    report.add_argument("--repeats", type=int, default=15)
+    report.add_argument("--compare", default="", help="an earlier report folder: adds a regression table")
+    report.set_defaults(run=_report)
+
+    cross = commands.add_parser("crossover", help="sweep pairs of paths and report where they cross")
+    cross.add_argument("--pair", action="append", help="CANDIDATE:BASELINE, repeatable")
+    cross.add_argument("--preset", action="append", choices=sorted(ALL_CONFIGS))
+    cross.add_argument("--dtype", choices=dtypes, default="bfloat16")
+    cross.add_argument("--tokens", type=_positive_token_list, default=[2**i for i in range(17)])
+    cross.add_argument("--repeats", type=int, default=15)
+    cross.set_defaults(run=_crossover)
+
+    prof = commands.add_parser("profile", help="Nsight Compute over one bench configuration's NVTX range")
+    prof.add_argument("--path", default="fused", choices=["fused", "fused_noscores", "two_kernel", "fused_block"])
+    prof.add_argument("--preset", default="deepseek_v3", choices=sorted(ALL_CONFIGS))
+    prof.add_argument("--dtype", choices=dtypes, default="bfloat16")
+    prof.add_argument("--tokens", type=int, default=8192)
+    prof.add_argument("--out", default="reports/profile")
+    prof.set_defaults(run=_profile)
+
+    bench = commands.add_parser("bench", help="every GPU path side by side (arguments as harness.bench)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "tokens", 0) < 0:
-        build_parser().error(f"--tokens={args.tokens} is out of range: allowed >= 0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "reference" and args.tokens < 0:
+        parser.error(f"--tokens={args.tokens} is out of range: allowed >= 0")
+    if args.command == "align":
+        args.dtype = args.dtype or ["bfloat16"]
+        args.distribution = args.distribution or list(DISTRIBUTIONS)
+    if getattr(args, "repeats", 15) < 3:
+        parser.error(f"--repeats={args.repeats} is out of range: allowed >= 3")
     return args.run(args)
 
 

@@ -9,6 +9,7 @@ repeated; the median and quartiles are reported. Each timed region is wrapped in
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class Timing:
     p50: float
     p75: float
     n: int
+    samples: tuple[float, ...] = ()
 
 
 def range_name(path: str, preset: str, dtype: str, tokens: int, scores: bool, l2: str, launch: str) -> str:
@@ -53,9 +55,25 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     return statistics.median(samples)
 
 
-def _quartiles(samples: list[float]) -> Timing:
+def quartiles(samples: list[float]) -> Timing:
     q = statistics.quantiles(samples, n=4, method="inclusive")
-    return Timing(q[0], statistics.median(samples), q[2], len(samples))
+    return Timing(q[0], statistics.median(samples), q[2], len(samples), tuple(samples))
+
+
+def time_host(call: Callable[[], object], repeats: int = 15, min_seconds: float = 2e-3) -> Timing:
+    """Per-call µs of a CPU function: each sample averages enough calls to last ``min_seconds``."""
+    call()
+    start = time.perf_counter()
+    call()
+    per_call = max(time.perf_counter() - start, 1e-7)
+    inner = max(1, int(min_seconds / per_call))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            call()
+        samples.append((time.perf_counter() - start) * 1e6 / inner)
+    return quartiles(samples)
 
 
 def l2_flusher() -> Callable[[], None]:
@@ -105,7 +123,7 @@ def time_graph(
             stop.record()
             stop.synchronize()
             samples.append(start.elapsed_time(stop) * 1e3 / calls)
-    return _quartiles(samples)
+    return quartiles(samples)
 
 
 def time_eager(call: Callable[[int], object], input_sets: int, name: str, calls: int = 20, repeats: int = 30) -> Timing:
@@ -125,4 +143,4 @@ def time_eager(call: Callable[[int], object], input_sets: int, name: str, calls:
             stop.record()
             stop.synchronize()
             samples.append(start.elapsed_time(stop) * 1e3 / calls)
-    return _quartiles(samples)
+    return quartiles(samples)

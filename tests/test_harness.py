@@ -1,0 +1,182 @@
+"""The harness on the CPU: crossover detection on synthetic curves, CSV schema, plots, the CPU report, the CLI."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from harness.crossover import Band, describe, find_crossovers, refinement_points, speedup_band
+from harness.report import CSV_COLUMNS, regressions
+
+TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
+
+
+def bands_from(speedups, noise, seed, repeats=15):
+    rng = np.random.default_rng(seed)
+    out = []
+    for t, s in zip(TOKENS, speedups, strict=True):
+        baseline = 10.0 * (1 + noise * rng.standard_normal(repeats))
+        candidate = 10.0 / s * (1 + noise * rng.standard_normal(repeats))
+        out.append(speedup_band(baseline, candidate, t, seed=seed))
+    return out
+
+
+def test_clear_crossing_is_found_between_the_right_points(seed):
+    bands = bands_from([3, 2.5, 2, 1.5, 0.7, 0.5, 0.4], 0.01, seed)
+    (crossing,) = find_crossovers(bands)
+    assert (crossing.low_tokens, crossing.high_tokens) == (64, 256)
+    assert 64 < crossing.at_tokens < 256 and crossing.direction == "candidate stops winning"
+    assert "between T=64 and T=256" in describe(bands, "fused", "two_kernel")
+
+
+def test_no_crossing_reports_the_smallest_speedup(seed):
+    bands = bands_from([3, 2.5, 2, 1.6, 1.4, 1.3, 1.2], 0.01, seed)
+    assert find_crossovers(bands) == []
+    text = describe(bands, "fused", "two_kernel")
+    assert text.startswith("no crossover in range") and "T=4096" in text
+
+
+def test_noise_around_one_is_not_a_crossing(seed):
+    bands = bands_from([1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 1.01], 0.2, seed)
+    assert all(b.side == 0 for b in bands[1:-1]) or find_crossovers(bands) == []
+    assert find_crossovers(bands) == []
+
+
+def test_two_crossings(seed):
+    bands = bands_from([2, 2, 0.5, 0.5, 0.5, 2, 2], 0.01, seed)
+    crossings = find_crossovers(bands)
+    assert [(c.low_tokens, c.high_tokens) for c in crossings] == [(4, 16), (256, 1024)]
+    assert [c.direction for c in crossings] == ["candidate stops winning", "candidate starts winning"]
+
+
+def test_refinement_asks_for_midpoints_where_sides_differ():
+    bands = [Band(1, 1.5, 2, 2.5, 10), Band(64, 0.4, 0.5, 0.6, 10), Band(4096, 0.4, 0.5, 0.6, 10)]
+    assert refinement_points(bands) == [8]
+
+
+def test_speedup_band_rejects_empty_samples():
+    with pytest.raises(ValueError, match="at least one sample"):
+        speedup_band([], [1.0], 1)
+
+
+def test_regressions_flag_only_slower_beyond_noise():
+    old = [
+        {
+            "path": "fused",
+            "preset": "p",
+            "dtype": "bfloat16",
+            "T": "64",
+            "scores": "scores",
+            "l2": "hot",
+            "launch": "graph",
+            "metric": "latency",
+            "p25": "9",
+            "p50": "10",
+            "p75": "11",
+        }
+    ]
+    slow = dict(old[0], p25="12", p50="13", p75="14")
+    noisy = dict(old[0], p25="10.5", p50="10.8", p75="11.5")
+    assert len(regressions(old, [slow])) == 1
+    assert regressions(old, [noisy]) == []
+
+
+def test_plots_have_labelled_axes(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from harness import plots
+
+    rows = [
+        {
+            "path": p,
+            "preset": "x",
+            "metric": "latency",
+            "T": t,
+            "p25": v * 0.9,
+            "p50": v,
+            "p75": v * 1.1,
+            "l2": "",
+            "launch": "",
+        }
+        for p, f in (("a", 1.0), ("b", 2.0))
+        for t, v in ((1, f), (64, 4 * f), (4096, 100 * f))
+    ]
+    bands = {"a vs b": [Band(1, 1.5, 2, 2.5, 5), Band(64, 1.5, 2, 2.5, 5), Band(4096, 1.5, 2, 2.5, 5)]}
+    captured = []
+    original = plots._save
+
+    def keep(fig, out_dir, stem):
+        captured.append([(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes])
+        return original(fig, out_dir, stem)
+
+    plots._save = keep
+    try:
+        files = plots.plot_preset(rows, bands, "x", "bfloat16", "cpu", tmp_path)
+    finally:
+        plots._save = original
+    assert {f.suffix for f in files} == {".png", ".svg"} and all(f.stat().st_size > 0 for f in files)
+    labels = captured[0]
+    assert ("tokens T", "latency per call (µs)", "latency") in labels
+    assert any(y.startswith("speedup") for _, y, _ in labels)
+    plt.close("all")
+
+
+def test_cpu_report_completes_and_lists_what_it_skipped(tmp_path):
+    from harness.cli import main
+
+    assert (
+        main(
+            [
+                "report",
+                "--out",
+                str(tmp_path),
+                "--preset",
+                "glm45_air",
+                "--tokens",
+                "1,64",
+                "--align-tokens",
+                "1,9",
+                "--repeats",
+                "3",
+            ]
+        )
+        == 0
+    )
+    (folder,) = tmp_path.iterdir()
+    text = (folder / "report.md").read_text()
+    assert "## Skipped" in text and "GPU paths" in text and "every case passed" in text
+    with open(folder / "results.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = list(reader)
+    assert {r["metric"] for r in rows} >= {"latency", "mismatches", "max_rel_weight_error"}
+    assert {r["path"] for r in rows} >= {"reference", "cpu_kernel", "composite_torch"}
+    assert (folder / "glm45_air-bfloat16.png").exists() and (folder / "summary-bfloat16.svg").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["report", "--tokens", "0,4"], "must be >= 1"),
+        (["report", "--tokens", "a,b"], "comma-separated"),
+        (["crossover", "--repeats", "1"], "--repeats=1"),
+        (["align", "--preset", "nope"], "invalid choice"),
+        (["reference", "--tokens", "-3"], "--tokens=-3"),
+    ],
+)
+def test_cli_argument_errors(argv, needle, capsys):
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_align_cli_exits_zero_on_cpu_paths(capsys):
+    from harness.cli import main
+
+    assert main(["align", "--preset", "x_e72", "--tokens", "0,5", "--distribution", "ties"]) == 0
+    assert "| cpu_kernel | x_e72 |" in capsys.readouterr().out
