@@ -54,13 +54,16 @@ def _align(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from harness.paths import cuda_reason
     from harness.report import run_report
 
+    # The CPU paths are slow enough at large T that a CPU report stops at 4096 tokens.
+    tokens = args.tokens or [4**i for i in range(9 if cuda_reason() is None else 7)]
     folder = run_report(
         Path(args.out),
         args.preset or sorted(PRESETS),
         args.dtype,
-        args.tokens,
+        tokens,
         args.align_tokens,
         args.repeats,
         Path(args.compare) if args.compare else None,

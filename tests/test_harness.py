@@ -180,3 +180,19 @@ def test_align_cli_exits_zero_on_cpu_paths(capsys):
 
     assert main(["align", "--preset", "x_e72", "--tokens", "0,5", "--distribution", "ties"]) == 0
     assert "| cpu_kernel | x_e72 |" in capsys.readouterr().out
+
+
+def test_report_default_token_range_on_the_cpu(tmp_path, monkeypatch):
+    import harness.report
+    from harness.cli import main
+
+    seen = {}
+
+    def fake_report(out, presets, dtype, tokens, align_tokens, repeats, compare):
+        seen.update(tokens=tokens, presets=presets)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    monkeypatch.setattr(harness.report, "run_report", fake_report)
+    assert main(["report", "--out", str(tmp_path)]) == 0
+    assert seen["tokens"] == [1, 4, 16, 64, 256, 1024, 4096] and len(seen["presets"]) == 6
