@@ -24,6 +24,7 @@ from op.configs import RoutingConfig
 NVTX_DOMAIN = "fusedgate"
 PATHS_WITH_NUM_TOKENS = ("fused", "two_kernel", "fused_block")
 GRAPH_PATHS = (*PATHS_WITH_NUM_TOKENS, "composite_torch")
+VIEW_CACHE_ENTRIES = 4096
 
 
 def _path_function(path: str) -> Callable[..., tuple]:
@@ -226,7 +227,9 @@ class GraphRunner:
         views = self._views.get(count)
         if views is None:
             views = tuple(None if t is None else b.rows(t, count) for t in self._outputs[bucket])
-            self._views[count] = views
+            # Bounded, so a server seeing every token count up to 65536 does not hoard view objects.
+            if len(self._views) < VIEW_CACHE_ENTRIES:
+                self._views[count] = views
         return views
 
     def __call__(self, logits: Any, bias: Any) -> tuple:
