@@ -7,37 +7,17 @@ and writes the long-format CSV of DESIGN.md's Names section.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import subprocess
 import sys
 from pathlib import Path
 
+from harness.results import write_csv
 from harness.timing import copy_bandwidth, l2_bytes, l2_flusher, range_name, time_eager, time_graph
 from op.configs import ALL_CONFIGS
 
 DEFAULT_CONFIGS = ["deepseek_v3", "kimi_k2", "glm45_air", "glm45", "fd_qwen3_30b_a3b", "fd_kimi_k2", "x_e72", "x_e1024"]
 DEFAULT_TOKENS = [2**i for i in range(17)]
-CSV_COLUMNS = [
-    "path",
-    "preset",
-    "E",
-    "dtype",
-    "T",
-    "scores",
-    "l2",
-    "launch",
-    "distribution",
-    "metric",
-    "unit",
-    "p25",
-    "p50",
-    "p75",
-    "n",
-    "card",
-    "timestamp",
-    "commit",
-]
 
 
 def floor_bytes(tokens: int, experts: int, top_k: int, elem: int, scores: bool, index_bytes: int = 8) -> int:
@@ -132,11 +112,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"done {preset} T={tokens}", file=sys.stderr, flush=True)
     _print_table(table, args, bandwidth, elem)
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(Path(args.csv), rows)
         print(f"wrote {args.csv}")
     return 0
 

@@ -42,7 +42,7 @@ def _align(args: argparse.Namespace) -> int:
     paths = args.path or list(CPU_PATHS + (GPU_PATHS if cuda_reason() is None else ()))
     result = run_alignment(paths, args.preset or sorted(ALL_CONFIGS), args.dtype, args.tokens, args.distribution)
     if args.csv:
-        from harness.report import write_csv
+        from harness.results import write_csv
 
         write_csv(Path(args.csv), result.rows)
     print(result.table)

@@ -5,7 +5,6 @@ Without a CUDA GPU it runs the CPU paths and says in the report what it skipped.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import platform
 import re
@@ -19,29 +18,10 @@ from harness.align import run_alignment
 from harness.crossover import BOOTSTRAP_METHOD, describe
 from harness.paths import CPU_PATHS, GPU_PATHS, cuda_reason
 from harness.plots import plot_grid, plot_preset
+from harness.results import read_csv, write_csv
 from harness.sweep import DEFAULT_CPU_PAIRS, DEFAULT_GPU_PAIRS, run_sweep
 from op.configs import ALL_CONFIGS
 
-CSV_COLUMNS = [
-    "path",
-    "preset",
-    "E",
-    "dtype",
-    "T",
-    "scores",
-    "l2",
-    "launch",
-    "distribution",
-    "metric",
-    "unit",
-    "p25",
-    "p50",
-    "p75",
-    "n",
-    "card",
-    "timestamp",
-    "commit",
-]
 REGRESSION_TOLERANCE = 0.05
 
 
@@ -75,18 +55,6 @@ def environment() -> dict[str, str]:
         env["paddle"] = "not installed"
     env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "none"
     return env
-
-
-def write_csv(path: Path, rows: Sequence[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def regressions(old: Sequence[dict], new: Sequence[dict]) -> list[str]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from harness.crossover import Band, describe, find_crossovers, refinement_points, speedup_band
-from harness.report import CSV_COLUMNS, regressions
+from harness.report import regressions
+from harness.results import CSV_COLUMNS
 
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 
