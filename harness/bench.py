@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from harness.results import write_csv
-from harness.timing import copy_bandwidth, l2_bytes, l2_flusher, range_name, time_eager, time_graph
+from harness.results import git_commit, write_csv
+from harness.timing import (
+    cold_input_sets,
+    copy_bandwidth,
+    l2_bytes,
+    l2_flusher,
+    range_name,
+    time_eager,
+    time_graph,
+)
 from op.configs import ALL_CONFIGS
 
 DEFAULT_CONFIGS = ["deepseek_v3", "kimi_k2", "glm45_air", "glm45", "fd_qwen3_30b_a3b", "fd_kimi_k2", "x_e72", "x_e1024"]
@@ -23,6 +31,11 @@ DEFAULT_TOKENS = [2**i for i in range(17)]
 def floor_bytes(tokens: int, experts: int, top_k: int, elem: int, scores: bool, index_bytes: int = 8) -> int:
     """Bytes that must move: logits read once, weights and ids written, plus the float32 scores if written."""
     return tokens * experts * elem + tokens * top_k * (4 + index_bytes) + (tokens * experts * 4 if scores else 0)
+
+
+def floor_us(tokens: int, experts: int, top_k: int, elem: int, scores: bool, bandwidth: float) -> float:
+    """The bandwidth floor in µs: bytes that must move over the measured copy bandwidth (bytes/s)."""
+    return floor_bytes(tokens, experts, top_k, elem, scores) / bandwidth * 1e6
 
 
 def _paths():
@@ -38,77 +51,127 @@ def _paths():
     }
 
 
+def latency_row(path, preset, config, dtype, tokens, scores, l2, launch, timing, context) -> dict:
+    """One long-format latency row (DESIGN's Names); ``context`` holds card, timestamp and commit."""
+    return {
+        "path": path,
+        "preset": preset,
+        "E": config.num_experts,
+        "dtype": dtype,
+        "T": tokens,
+        "scores": "scores" if scores else "noscores",
+        "l2": l2,
+        "launch": launch,
+        "distribution": "randn",
+        "metric": "latency",
+        "unit": "us",
+        "p25": f"{timing.p25:.3f}",
+        "p50": f"{timing.p50:.3f}",
+        "p75": f"{timing.p75:.3f}",
+        "n": timing.n,
+        **context,
+    }
+
+
+def measure(
+    preset: str,
+    tokens: int,
+    paths: Sequence[str],
+    l2_modes: Sequence[str],
+    launches: Sequence[str],
+    dtype_name: str,
+    repeats: int,
+    generator,
+    flush: Callable[[], None],
+    bandwidth: float,
+    context: dict,
+) -> tuple[dict, list[dict]]:
+    """Time ``paths`` on one preset and token count in every L2 mode and launch kind.
+
+    Returns the timings keyed by ``(path, l2, launch)`` and the long-format rows: latencies, and in cold mode
+    each path's fraction of the bandwidth floor (floor time / measured time).
+    """
+    import torch
+
+    config = ALL_CONFIGS[preset]
+    dtype = getattr(torch, dtype_name)
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_set = tokens * config.num_experts * elem
+    cold_sets = cold_input_sets(per_set)
+    sets = {"hot": 1, "cold": cold_sets}
+    flush_cold = cold_sets * per_set < 2 * l2_bytes()
+    inputs = [
+        torch.randn((tokens, config.num_experts), generator=generator, device="cuda").to(dtype)
+        for _ in range(max(sets[m] for m in l2_modes))
+    ]
+    bias = (torch.randn(config.num_experts, generator=generator, device="cuda") * 0.1).float()
+    routes = _paths()
+    result, rows = {}, []
+    for mode in l2_modes:
+        for name in paths:
+            route, scores = routes[name]
+            path = name.replace("_noscores", "")
+
+            def call(i, route=route, scores=scores):
+                return route(inputs[i], bias, *config.args(), return_scores=scores)
+
+            for launch in launches:
+                label = range_name(path, preset, dtype_name, tokens, scores, mode, launch)
+                if launch == "graph":
+                    before = flush if mode == "cold" and flush_cold else None
+                    timing = time_graph(call, sets[mode], label, repeats=repeats, before_replay=before)
+                else:
+                    timing = time_eager(call, sets[mode], label, repeats=repeats)
+                result[(name, mode, launch)] = timing
+                row = latency_row(path, preset, config, dtype_name, tokens, scores, mode, launch, timing, context)
+                rows.append(row)
+                if mode == "cold":
+                    floor = floor_us(tokens, config.num_experts, config.top_k, elem, scores, bandwidth)
+                    fraction = {
+                        **row,
+                        "metric": "floor_fraction",
+                        "unit": "fraction",
+                        # A fraction falls as time rises, so the quartiles swap ends.
+                        "p25": f"{floor / timing.p75:.4g}",
+                        "p50": f"{floor / timing.p50:.4g}",
+                        "p75": f"{floor / timing.p25:.4g}",
+                    }
+                    rows.append(fraction)
+    return result, rows
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     card = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    commit = commit.stdout.strip()
-    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    l2 = l2_bytes()
+    context = {
+        "card": card,
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+    }
     bandwidth = copy_bandwidth()
-    print(f"card: {card}; L2 {l2 / 2**20:.0f} MiB; copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)")
-    paths = {k: v for k, v in _paths().items() if k in args.paths}
-    dtype = getattr(torch, args.dtype)
-    elem = torch.empty((), dtype=dtype).element_size()
+    print(f"card: {card}; L2 {l2_bytes() / 2**20:.0f} MiB; copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)")
+    elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     rows, table = [], []
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     flush = l2_flusher()
     for preset in args.configs:
-        config = ALL_CONFIGS[preset]
         for tokens in args.tokens:
-            per_set = tokens * config.num_experts * elem
-            # Cold: one distinct input per call of the graph, up to 2x L2 in total; where 20 sets are smaller
-            # than that, the L2 is flushed before each replay as well.
-            cold_sets = min(20, max(2, -(-2 * l2 // per_set)))
-            sets = {"hot": 1, "cold": cold_sets}
-            flush_cold = cold_sets * per_set < 2 * l2
-            max_sets = max(sets[m] for m in args.l2)
-            inputs = [
-                torch.randn((tokens, config.num_experts), generator=generator, device="cuda").to(dtype)
-                for _ in range(max_sets)
-            ]
-            bias = (torch.randn(config.num_experts, generator=generator, device="cuda") * 0.1).float()
-            result = {}
-            for mode in args.l2:
-                for name, (route, scores) in paths.items():
-
-                    def call(i, route=route, scores=scores, inputs=inputs, bias=bias, config=config):
-                        return route(inputs[i], bias, *config.args(), return_scores=scores)
-
-                    for launch in args.launch:
-                        label = range_name(
-                            name.replace("_noscores", ""), preset, args.dtype, tokens, scores, mode, launch
-                        )
-                        if launch == "graph":
-                            before = flush if mode == "cold" and flush_cold else None
-                            t = time_graph(call, sets[mode], label, repeats=args.repeats, before_replay=before)
-                        else:
-                            t = time_eager(call, sets[mode], label, repeats=args.repeats)
-                        result[(name, mode, launch)] = t
-                        rows.append(
-                            {
-                                "path": name.replace("_noscores", ""),
-                                "preset": preset,
-                                "E": config.num_experts,
-                                "dtype": args.dtype,
-                                "T": tokens,
-                                "scores": "scores" if scores else "noscores",
-                                "l2": mode,
-                                "launch": launch,
-                                "distribution": "randn",
-                                "metric": "latency",
-                                "unit": "us",
-                                "p25": f"{t.p25:.3f}",
-                                "p50": f"{t.p50:.3f}",
-                                "p75": f"{t.p75:.3f}",
-                                "n": t.n,
-                                "card": card,
-                                "timestamp": stamp,
-                                "commit": commit,
-                            }
-                        )
-            table.append((preset, tokens, config, result))
+            result, new_rows = measure(
+                preset,
+                tokens,
+                args.paths,
+                args.l2,
+                args.launch,
+                args.dtype,
+                args.repeats,
+                generator,
+                flush,
+                bandwidth,
+                context,
+            )
+            rows += new_rows
+            table.append((preset, tokens, ALL_CONFIGS[preset], result))
             print(f"done {preset} T={tokens}", file=sys.stderr, flush=True)
     _print_table(table, args, bandwidth, elem)
     if args.csv:
@@ -137,7 +200,7 @@ def _print_table(table, args, bandwidth, elem) -> None:
             ratio_b = f"{block.p50 / fused.p50:.2f}" if fused and block else "-"
             line = f"| {preset} | {tokens} | {' | '.join(cells)} | {ratio} | {ratio_b}"
             if extra:
-                floor = floor_bytes(tokens, config.num_experts, config.top_k, elem, True) / bandwidth * 1e6
+                floor = floor_us(tokens, config.num_experts, config.top_k, elem, True, bandwidth)
                 line += f" | {floor:.2f} | {floor / fused.p50:.2f}" if fused else " | - | -"
             print(line + " |")
 

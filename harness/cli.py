@@ -57,8 +57,8 @@ def _report(args: argparse.Namespace) -> int:
     from harness.paths import cuda_reason
     from harness.report import run_report
 
-    # The CPU paths are slow enough at large T that a CPU report stops at 4096 tokens.
-    tokens = args.tokens or [4**i for i in range(9 if cuda_reason() is None else 7)]
+    # The CPU paths are slow enough at large T that a CPU report stops at 4096 tokens, in steps of 4.
+    tokens = args.tokens or ([2**i for i in range(17)] if cuda_reason() is None else [4**i for i in range(7)])
     folder = run_report(
         Path(args.out),
         args.preset or sorted(PRESETS),
@@ -146,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--preset", action="append", choices=sorted(ALL_CONFIGS))
     report.add_argument("--dtype", choices=dtypes, default="bfloat16")
     report.add_argument(
-        "--tokens", type=_positive_token_list, default=None, help="default: 1..65536 on a GPU, 1..4096 on the CPU"
+        "--tokens",
+        type=_positive_token_list,
+        default=None,
+        help="default: powers of 2 up to 65536 on a GPU, of 4 up to 4096 on the CPU",
     )
     report.add_argument("--align-tokens", type=_token_list, default=[1, 7, 128])
     report.add_argument("--repeats", type=int, default=15)

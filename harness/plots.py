@@ -47,7 +47,9 @@ def plot_preset(
     fraction = _series(rows, preset, "floor_fraction")
     fig, axes = plt.subplots(1, 3 if fraction else 2, figsize=(16 if fraction else 11, 4.2))
     latency_ax, speed_ax = axes[0], axes[1]
-    for label, points in _series(rows, preset, "latency").items():
+    # Eager timings sit in the report's tables; the latency panel holds graph replays (and host timings).
+    graphed = [r for r in rows if r.get("launch") != "eager"]
+    for label, points in _series(graphed, preset, "latency").items():
         t = [p[0] for p in points]
         latency_ax.plot(t, [p[2] for p in points], marker="o", ms=3, label=label)
         latency_ax.fill_between(t, [p[1] for p in points], [p[3] for p in points], alpha=0.25)

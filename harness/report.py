@@ -15,14 +15,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.align import run_alignment
+from harness.bench import latency_row
 from harness.crossover import BOOTSTRAP_METHOD, describe
 from harness.paths import CPU_PATHS, GPU_PATHS, cuda_reason
 from harness.plots import plot_grid, plot_preset
-from harness.results import read_csv, write_csv
+from harness.results import git_commit, read_csv, write_csv
 from harness.sweep import DEFAULT_CPU_PAIRS, DEFAULT_GPU_PAIRS, run_sweep
+from harness.timing import Timing
 from op.configs import ALL_CONFIGS
 
 REGRESSION_TOLERANCE = 0.05
+# Token counts at which the report times every launch kind and L2 mode (the sweep itself is hot graph replays).
+MODE_TOKENS = (1, 64, 1024, 8192, 65536)
+MODE_PATHS = ("fused", "fused_noscores", "two_kernel", "fused_block")
 
 
 def _run(cmd: Sequence[str]) -> str:
@@ -37,7 +42,7 @@ def environment() -> dict[str, str]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "commit": _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+        "commit": git_commit(),
     }
     try:
         import torch
@@ -78,6 +83,75 @@ def regressions(old: Sequence[dict], new: Sequence[dict]) -> list[str]:
     return lines
 
 
+def _gpu_modes(
+    presets: Sequence[str],
+    dtype: str,
+    tokens: Sequence[int],
+    repeats: int,
+    context: dict,
+    sweep: dict[str, dict[str, dict[int, Timing]]],
+    progress,
+) -> tuple[list[dict], list[str], list[str]]:
+    """Eager and cold-L2 timings at a few token counts, each path's fraction of the bandwidth floor, and the
+    harness's own overhead: the rows, a markdown section of them, and an overhead section."""
+    import torch
+
+    from harness.bench import floor_us, measure
+    from harness.timing import copy_bandwidth, harness_overhead, l2_bytes, l2_flusher
+
+    points = [t for t in MODE_TOKENS if t <= max(tokens)]
+    bandwidth, flush = copy_bandwidth(), l2_flusher()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    rows, lines = (
+        [],
+        [
+            "## Launch kinds and L2 modes",
+            "",
+            f"µs per call (median of {repeats}); `graph` = a CUDA graph of 20 back-to-back calls, `eager` = 20 eager "
+            f"calls; `cold` rotates inputs totalling at least 2x the L2 ({l2_bytes() / 2**20:.0f} MiB); floor = bytes "
+            f"that must move / measured copy bandwidth ({bandwidth / 1e12:.2f} TB/s, read + write); floor fraction is "
+            "cold graph only. The hot graph column is the sweep's.",
+            "",
+            "| preset | T | path | hot graph | cold graph | hot eager | cold eager | floor fraction (cold graph) |",
+            "|---|---|---|---|---|---|---|---|",
+        ],
+    )
+    for preset in presets:
+        for t in points:
+            progress(f"modes {preset} T={t}")
+            results = {}
+            for l2, launches in (("cold", ["graph", "eager"]), ("hot", ["eager"])):
+                result, new_rows = measure(
+                    preset, t, MODE_PATHS, [l2], launches, dtype, repeats, generator, flush, bandwidth, context
+                )
+                results |= result
+                rows += new_rows
+            config = ALL_CONFIGS[preset]
+            elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+            for path in MODE_PATHS:
+                scores = not path.endswith("_noscores")
+                hot = sweep[preset].get(path, {}).get(t)
+                floor = floor_us(t, config.num_experts, config.top_k, elem, scores, bandwidth)
+                cold_graph = results[(path, "cold", "graph")].p50
+                lines.append(
+                    f"| {preset} | {t} | {path} | {f'{hot.p50:.2f}' if hot else '-'} | {cold_graph:.2f} "
+                    f"| {results[(path, 'hot', 'eager')].p50:.2f} | {results[(path, 'cold', 'eager')].p50:.2f} "
+                    f"| {floor / cold_graph:.3g} |"
+                )
+    overhead = [
+        "",
+        "## Harness overhead",
+        "",
+        "What measuring costs, timed the same way as the paths (median, IQR).",
+        "",
+        "| what | p25 | p50 | p75 |",
+        "|---|---|---|---|",
+    ]
+    for what, timing in harness_overhead(repeats).items():
+        overhead.append(f"| {what} | {timing.p25:.3f} | {timing.p50:.3f} | {timing.p75:.3f} |")
+    return rows, [*lines, ""], [*overhead, ""]
+
+
 class _Progress:
     """A one-line progress counter on stderr."""
 
@@ -110,49 +184,40 @@ def run_report(
         skipped.append(f"GPU paths {', '.join(GPU_PATHS)} in alignment and timing: {cuda_reason()}")
         skipped.append("graph-replayed and cold-L2 timing, bandwidth-floor fractions: need a CUDA GPU")
     pairs = DEFAULT_GPU_PAIRS if on_gpu else DEFAULT_CPU_PAIRS
-    progress = _Progress(len(presets) * len(align_tokens) * 6 * len(paths) + len(presets) * len(tokens) * 4)
+    progress = _Progress(
+        len(presets) * (len(align_tokens) * 6 * len(paths) + len(tokens) * 4 + (len(MODE_TOKENS) if on_gpu else 0))
+    )
 
     align = run_alignment(
         paths, presets, [dtype], align_tokens, card=card, stamp=stamp, commit=env["commit"], progress=progress
     )
     skipped += [f"alignment of {name}: {reason}" for name, reason in align.skipped.items()]
     rows = list(align.rows)
-    crossover_lines, plots, bands_by_preset = [], [], {}
+    context = {"card": card, "timestamp": stamp, "commit": env["commit"]}
+    crossover_lines, bands_by_preset, sweep = [], {}, {}
     for preset in presets:
+        config = ALL_CONFIGS[preset]
         timings, bands = run_sweep(preset, dtype, tokens, pairs, on_gpu, repeats=repeats, progress=progress)
+        sweep[preset] = timings
         for path, per_t in timings.items():
             for t, timing in sorted(per_t.items()):
-                rows.append(
-                    {
-                        "path": path,
-                        "preset": preset,
-                        "E": ALL_CONFIGS[preset].num_experts,
-                        "dtype": dtype,
-                        "T": t,
-                        "scores": "scores",
-                        "l2": "hot" if on_gpu else "",
-                        "launch": "graph" if on_gpu else "host",
-                        "distribution": "randn",
-                        "metric": "latency",
-                        "unit": "us",
-                        "p25": f"{timing.p25:.3f}",
-                        "p50": f"{timing.p50:.3f}",
-                        "p75": f"{timing.p75:.3f}",
-                        "n": timing.n,
-                        "card": card,
-                        "timestamp": stamp,
-                        "commit": env["commit"],
-                    }
-                )
+                l2, launch = ("hot", "graph") if on_gpu else ("", "host")
+                rows.append(latency_row(path, preset, config, dtype, t, True, l2, launch, timing, context))
         for pair, pair_bands in bands.items():
             candidate, baseline = pair.split(" vs ")
             crossover_lines.append(
                 f"| {preset} | {candidate} | {baseline} | {describe(pair_bands, candidate, baseline)} |"
             )
         bands_by_preset[preset] = bands
-        plots += plot_preset([r for r in rows if r["metric"] == "latency"], bands, preset, dtype, card, folder)
-    plots += plot_grid(bands_by_preset, dtype, card, folder)
+    mode_lines, overhead_lines = [], []
+    if on_gpu:
+        mode_rows, mode_lines, overhead_lines = _gpu_modes(presets, dtype, tokens, repeats, context, sweep, progress)
+        rows += mode_rows
     print(file=sys.stderr)
+    plots = []
+    for preset in presets:
+        plots += plot_preset(rows, bands_by_preset[preset], preset, dtype, card, folder)
+    plots += plot_grid(bands_by_preset, dtype, card, folder)
 
     write_csv(folder / "results.csv", rows)
     (folder / "align.md").write_text(align.table + "\n")
@@ -173,6 +238,7 @@ def run_report(
         *crossover_lines,
         "",
     ]
+    lines += mode_lines + overhead_lines
     lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots if p.suffix == ".png"], ""]
     if compare is not None:
         old = read_csv(compare / "results.csv")

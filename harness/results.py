@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,3 +40,14 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def git_commit() -> str:
+    """The checkout's short commit, or ``unknown`` outside a git checkout (the CSV's ``commit`` column)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"

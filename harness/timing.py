@@ -37,6 +37,14 @@ def l2_bytes() -> int:
     return int(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size)
 
 
+def cold_input_sets(bytes_per_set: int, most: int = 20) -> int:
+    """Input sets a cold graph rotates over: enough to total twice the L2, at most one per call of the graph.
+
+    Where ``most`` sets still total less than that, the caller flushes the L2 before each replay as well.
+    """
+    return min(most, max(2, -(-2 * l2_bytes() // bytes_per_set)))
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median)."""
     import torch
@@ -145,3 +153,24 @@ def time_eager(call: Callable[[int], object], input_sets: int, name: str, calls:
             stop.synchronize()
             samples.append(start.elapsed_time(stop) * 1e3 / calls)
     return quartiles(samples)
+
+
+def harness_overhead(repeats: int = 30) -> dict[str, Timing]:
+    """What the measurement itself costs: an empty kernel timed the way paths are, and one NVTX range on the host.
+
+    The empty kernel (``torch.cuda._sleep(0)``) bounds from below any per-call latency the harness can report.
+    """
+    import torch
+
+    def empty(_):
+        torch.cuda._sleep(0)
+
+    def nvtx_range():
+        with nvtx.annotate("overhead:nvtx", domain=NVTX_DOMAIN):
+            pass
+
+    return {
+        "empty kernel, graph of 20 (µs per call)": time_graph(empty, 1, "overhead:empty:graph", repeats=repeats),
+        "empty kernel, eager (µs per call)": time_eager(empty, 1, "overhead:empty:eager", repeats=repeats),
+        "NVTX range push + pop on the host (µs)": time_host(nvtx_range, repeats=repeats),
+    }

@@ -197,3 +197,22 @@ def test_report_default_token_range_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(harness.report, "run_report", fake_report)
     assert main(["report", "--out", str(tmp_path)]) == 0
     assert seen["tokens"] == [1, 4, 16, 64, 256, 1024, 4096] and len(seen["presets"]) == 6
+
+
+def test_profile_summary_reads_the_raw_page_and_picks_the_top_stall():
+    from harness.profile import summarize
+
+    raw = (
+        '"ID","Kernel Name","gpu__time_duration.sum","launch__registers_per_thread",'
+        '"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",'
+        '"smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio"\n'
+        '"","","nsecond","register/thread","ratio","ratio"\n'
+        '"0","void fused_grouped_topk_kernel<__nv_bfloat16, 8>(const T1 *, int)","1,234","72","0.85","2.10"\n'
+        '"1","noaux_tc_kernel","900","64","3.5","0.2"\n'
+    )
+    lines = summarize(raw).splitlines()
+    assert lines[0].startswith("| kernel | duration (ns)") and lines[0].endswith("top stall (cycles per issue) |")
+    assert len(lines) == 4
+    assert lines[2].startswith("| fused_grouped_topk_kernel<__nv_bfloat16, 8> | 1,234 |")
+    assert "math_pipe_throttle (2.10)" in lines[2]
+    assert "long_scoreboard (3.50)" in lines[3]
