@@ -20,7 +20,7 @@ nox.options.reuse_existing_virtualenvs = True
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
 
-def _install_project(session: nox.Session, extras: str = "torch,paddle") -> None:
+def _install_project(session: nox.Session, extras: str = "torch,paddle,serve") -> None:
     session.install("-e", f".[{extras}]", *nox.project.dependency_groups(PYPROJECT, "test"))
 
 
@@ -90,13 +90,14 @@ def bench(session: nox.Session) -> None:
     session.run("python3", "-m", "harness.bench", *args, env=GPU_ENV)
 
 
-def _harness(session: nox.Session, *args: str) -> None:
+def _harness(session: nox.Session, *args: str, posargs: bool = True) -> None:
+    extra = session.posargs if posargs else []
     if HARNESS_BACKEND == "none":
         session.run("python3", "-m", "op.build", env=GPU_ENV)
-        session.run("python3", "-m", "harness.cli", *args, *session.posargs, env=GPU_ENV)
+        session.run("python3", "-m", "harness.cli", *args, *extra, env=GPU_ENV)
     else:
         _install_project(session)
-        session.run("fusedgate", *args, *session.posargs)
+        session.run("fusedgate", *args, *extra)
 
 
 @nox.session(venv_backend=HARNESS_BACKEND)
@@ -122,3 +123,22 @@ def profile(session: nox.Session) -> None:
     """Nsight Compute over one bench configuration's NVTX range (default deepseek_v3, T=8192, fused)."""
     session.run("python3", "-m", "op.build", env=GPU_ENV)
     session.run("python3", "-m", "harness.cli", "profile", *session.posargs, env=GPU_ENV)
+
+
+@nox.session(venv_backend=HARNESS_BACKEND)
+def serve(session: nox.Session) -> None:
+    """The routing service in the foreground (default: deepseek_v3 on the GPU backend where a GPU is present)."""
+    backend = "gpu" if HARNESS_BACKEND == "none" else "cpu"
+    args = session.posargs or ["--preset", "deepseek_v3", "--backend", backend]
+    _harness(session, "serve", *args, posargs=False)
+
+
+@nox.session(venv_backend=HARNESS_BACKEND)
+def loadtest(session: nox.Session) -> None:
+    """Concurrent checked clients against a server it starts: the CPU backend, then the GPU backend if present."""
+    backends = ["cpu", "gpu"] if HARNESS_BACKEND == "none" else ["cpu"]
+    if session.posargs:
+        _harness(session, "loadtest")
+        return
+    for backend in backends:
+        _harness(session, "loadtest", "--backend", backend, posargs=False)

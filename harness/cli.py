@@ -102,6 +102,53 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _model_settings(args: argparse.Namespace) -> list:
+    from graphs.models import ModelSettings
+
+    files = {name: Path(path) for name, _, path in (spec.partition("=") for spec in args.bias or [])}
+    return [
+        ModelSettings(
+            preset,
+            backend=args.backend,
+            index_dtype=args.index_dtype,
+            with_scores=args.with_scores,
+            bias_file=files.get(preset),
+            bias_seed=args.bias_seed,
+            bucket_policy=args.bucket_policy,
+            max_bucket=args.max_bucket,
+        )
+        for preset in args.preset
+    ]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from graphs.models import ServedModel
+    from graphs.server import serve
+
+    models = [ServedModel(s) for s in _model_settings(args)]
+    return serve(models, args.settings, args.host, args.port)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from graphs.loadtest import describe, run_loadtest, spawn_server, stop_server
+    from graphs.server import free_port
+
+    process, url = None, args.url
+    if not url:
+        port = free_port()
+        extra = ["--max-queue-delay-us", str(args.max_queue_delay_us)]
+        process = spawn_server(args.preset, args.backend, port, extra + (["--with-scores"] if args.with_scores else []))
+        url = f"127.0.0.1:{port}"
+    try:
+        result = run_loadtest(url, args.preset, args.clients, args.requests, args.max_request_tokens, args.seed, None)
+    finally:
+        status = stop_server(process) if process is not None else 0
+    print(describe(result, args.preset, args.backend if process else f"at {url}", args.clients))
+    if status != 0:
+        print(f"the server exited with status {status} on SIGTERM")
+    return 0 if result.ok and status == 0 else 1
+
+
 def _token_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v]
@@ -172,6 +219,35 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default="reports/profile")
     prof.set_defaults(run=_profile)
 
+    serve = commands.add_parser("serve", help="the routing service (Open Inference Protocol, dynamic batching)")
+    serve.add_argument("--preset", action="append", required=True, choices=sorted(PRESETS), help="repeatable")
+    serve.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--index-dtype", choices=["int64", "int32"], default="int64")
+    serve.add_argument("--with-scores", action="store_true", help="also offer the [T, E] scores output")
+    serve.add_argument("--bias", action="append", metavar="NAME=FILE", help=".npy or .safetensors; repeatable")
+    serve.add_argument("--bias-seed", type=int, default=0, help="seed of the bias of models given no --bias file")
+    serve.add_argument("--bucket-policy", choices=["pow2", "fastdeploy", "vllm", "sglang"], default="pow2")
+    serve.add_argument("--max-bucket", type=int, default=8192, help="largest bucket: the most rows one batch takes")
+    serve.add_argument("--max-queue-delay-us", type=int, default=100)
+    serve.add_argument("--max-queue-size", type=int, default=1024)
+    serve.add_argument("--max-body-bytes", type=int, default=64 << 20)
+    serve.add_argument("--max-tokens", type=int, default=65536, help="most tokens in one request")
+    serve.set_defaults(run=_serve)
+
+    load = commands.add_parser("loadtest", help="concurrent clients against the service, every answer checked")
+    load.add_argument("--url", default="", help="host:port of a running server; default: start one")
+    load.add_argument("--preset", default="deepseek_v3", choices=sorted(PRESETS))
+    load.add_argument("--backend", choices=["cpu", "gpu"], default="cpu", help="of the server started here")
+    load.add_argument("--with-scores", action="store_true", help="of the server started here")
+    load.add_argument("--max-queue-delay-us", type=int, default=100, help="of the server started here")
+    load.add_argument("--clients", type=int, default=32)
+    load.add_argument("--requests", type=int, default=2000)
+    load.add_argument("--max-request-tokens", type=int, default=512)
+    load.add_argument("--seed", type=int, default=0)
+    load.set_defaults(run=_loadtest)
+
     bench = commands.add_parser("bench", help="every GPU path side by side (arguments as harness.bench)")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
@@ -186,6 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "align":
         args.dtype = args.dtype or ["bfloat16"]
         args.distribution = args.distribution or list(DISTRIBUTIONS)
+    if args.command == "serve":
+        from graphs.server import ServerSettings
+
+        for spec in args.bias or []:
+            name, sep, _ = spec.partition("=")
+            if not sep or name not in args.preset:
+                parser.error(f"--bias {spec!r}: expected NAME=FILE with NAME one of the served presets {args.preset}")
+        try:
+            args.settings = ServerSettings(
+                args.max_queue_delay_us, args.max_queue_size, args.max_body_bytes, args.max_tokens
+            )
+        except ValueError as error:
+            parser.error(str(error))
+    if args.command == "loadtest" and min(args.clients, args.requests, args.max_request_tokens) < 1:
+        parser.error("--clients, --requests and --max-request-tokens must each be >= 1")
     if getattr(args, "repeats", 15) < 3:
         parser.error(f"--repeats={args.repeats} is out of range: allowed >= 3")
     return args.run(args)

@@ -72,6 +72,10 @@ def _host_friendly(tensor: Any, framework: str) -> Any:
     # numpy's DLPack export knows no bfloat16; the widening to float32 is exact.
     if framework == "numpy" and dtype_name(tensor.dtype) == "bfloat16":
         return np.asarray(tensor, dtype=np.float32)
+    # The kernels only read their inputs, but numpy will not export a read-only array (a buffer received from
+    # the network, say) through the DLPack version the library speaks: hand over a writable copy.
+    if framework == "numpy" and not tensor.flags.writeable:
+        return tensor.copy()
     return tensor
 
 

@@ -33,6 +33,17 @@ def test_cpu_kernel_numpy(name, dtype, distribution, seed):
     assert_routing_close(grouped_topk(x, bias, *config.args()), x, bias, config)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cpu_kernel_takes_read_only_arrays(dtype, seed):
+    """Buffers received from the network arrive read-only (``np.frombuffer`` of bytes)."""
+    config = ALL_CONFIGS["deepseek_v3"]
+    x, bias = generate_input(config, 33, dtype, seed)
+    x_ro = np.frombuffer(x.tobytes(), dtype=x.dtype).reshape(x.shape)
+    bias_ro = np.frombuffer(bias.tobytes(), dtype=bias.dtype)
+    assert not x_ro.flags.writeable and not bias_ro.flags.writeable
+    assert_routing_close(grouped_topk(x_ro, bias_ro, *config.args()), x, bias, config)
+
+
 @pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "x_e160_g8"])
 def test_cpu_kernel_torch_tensors(name, seed):
     config = ALL_CONFIGS[name]

@@ -165,6 +165,10 @@ def test_cpu_report_completes_and_lists_what_it_skipped(tmp_path):
         (["crossover", "--repeats", "1"], "--repeats=1"),
         (["align", "--preset", "nope"], "invalid choice"),
         (["reference", "--tokens", "-3"], "--tokens=-3"),
+        (["serve", "--preset", "deepseek_v3", "--bias", "kimi_k2=b.npy"], "NAME one of the served presets"),
+        (["serve", "--preset", "deepseek_v3", "--max-queue-size", "0"], "max_queue_size=0"),
+        (["serve", "--preset", "nope"], "invalid choice"),
+        (["loadtest", "--clients", "0"], "--clients"),
     ],
 )
 def test_cli_argument_errors(argv, needle, capsys):

@@ -1,0 +1,158 @@
+"""Dynamic batching: coalesce queued requests into one computation, answer each with its own rows.
+
+A batch starts with the oldest queued request and takes the following ones while they share its key (the
+logits datatype: one graph serves one dtype) and fit in ``max_rows`` (the largest bucket), until
+``max_delay_s`` has passed since the batch began collecting. A request larger than ``max_rows`` forms a batch
+of its own. The queue is bounded: past ``max_queue`` waiting requests ``submit`` raises ``QueueFull`` at once.
+Every accepted request is answered exactly once, with its result or the computation's exception, also across
+``stop()``, which refuses new requests and drains the queue before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class Pending:
+    rows: int
+    key: Hashable
+    payload: Any
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one computation served, for metrics: requests, real rows, seconds each request waited, compute time."""
+
+    requests: int
+    rows: int
+    queue_seconds: tuple[float, ...]
+    compute_seconds: float
+
+
+class DynamicBatcher:
+    """``compute(batch)`` runs on one worker thread and returns one result per ``Pending`` of the batch."""
+
+    def __init__(
+        self,
+        compute: Callable[[Sequence[Pending]], Sequence[Any]],
+        max_rows: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+        name: str = "batcher",
+    ):
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows} is out of range: allowed >= 1")
+        if max_delay_s < 0:
+            raise ValueError(f"max_delay_s={max_delay_s} is out of range: allowed >= 0")
+        if max_queue < 1:
+            raise ValueError(f"max_queue={max_queue} is out of range: allowed >= 1")
+        self.compute, self.max_rows, self.max_delay_s, self.max_queue = compute, max_rows, max_delay_s, max_queue
+        self.on_batch = on_batch
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._queue: asyncio.Queue[Pending | None] | None = None
+        self._held: collections.deque[Pending] = collections.deque()
+        self._worker: asyncio.Task | None = None
+        self._closing = False
+        # Accepted and not yet handed to the worker thread: what the queue bound counts.
+        self.waiting = 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run())
+
+    async def submit(self, rows: int, key: Hashable, payload: Any) -> Any:
+        if self._closing or self._queue is None:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        if self.waiting >= self.max_queue:
+            raise QueueFull(f"the request queue is full ({self.max_queue} requests waiting); retry later")
+        item = Pending(rows, key, payload, asyncio.get_running_loop().create_future())
+        self.waiting += 1
+        self._queue.put_nowait(item)
+        return await asyncio.shield(item.future)
+
+    async def stop(self) -> None:
+        """Refuse new requests, answer every queued one, then stop the worker."""
+        if self._worker is None:
+            return
+        self._closing = True
+        self._queue.put_nowait(None)
+        await self._worker
+        self._worker = None
+        self._executor.shutdown(wait=True)
+
+    async def _next(self, timeout: float | None) -> Pending | None:
+        if self._held:
+            return self._held.popleft()
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            # wait_for with no time left would give up before even looking at a non-empty queue.
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                raise TimeoutError from None
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    async def _collect(self, first: Pending) -> list[Pending]:
+        batch, rows = [first], first.rows
+        deadline = time.perf_counter() + self.max_delay_s
+        while rows < self.max_rows:
+            try:
+                item = await self._next(deadline - time.perf_counter())
+            except TimeoutError:
+                break
+            if item is None:
+                # The stop marker: serve what is collected, then let the worker see the marker again.
+                self._queue.put_nowait(None)
+                break
+            if item.key != first.key or rows + item.rows > self.max_rows:
+                self._held.appendleft(item)
+                break
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(None)
+            if first is None:
+                if not self._held:
+                    return
+                self._queue.put_nowait(None)
+                continue
+            batch = await self._collect(first)
+            self.waiting -= len(batch)
+            started = time.perf_counter()
+            queue_seconds = tuple(started - p.enqueued for p in batch)
+            try:
+                results = await loop.run_in_executor(self._executor, self.compute, batch)
+            except Exception as error:  # noqa: BLE001 - every waiter must get an answer, whatever broke
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                continue
+            compute_seconds = time.perf_counter() - started
+            for pending, result in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+            if self.on_batch is not None:
+                self.on_batch(BatchRecord(len(batch), sum(p.rows for p in batch), queue_seconds, compute_seconds))

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the routing service, named after Triton Inference Server's where it has one.
+
+Triton's cumulative microsecond counters (request, queue and compute durations) and its inference and
+execution counts are kept under its names; what Triton lacks (bucket fill, replays per bucket, latency
+histograms) is under ``fusedgate_``. Requests per replay = ``nv_inference_count / nv_inference_exec_count``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from graphs.batcher import BatchRecord
+
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
+
+class ServiceMetrics:
+    """One registry per server, so that several servers (tests) never share counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.success = Counter("nv_inference_request_success", "Successful inference requests", ["model"], registry=r)
+        self.failure = Counter(
+            "nv_inference_request_failure", "Failed inference requests, by reason", ["model", "reason"], registry=r
+        )
+        self.inference_count = Counter(
+            "nv_inference_count",
+            "Inference requests computed",
+            ["model"],
+            registry=r,
+        )
+        self.exec_count = Counter("nv_inference_exec_count", "Batches computed (graph replays)", ["model"], registry=r)
+        self.request_us = Counter(
+            "nv_inference_request_duration_us", "Cumulative end-to-end request time (µs)", ["model"], registry=r
+        )
+        self.queue_us = Counter(
+            "nv_inference_queue_duration_us", "Cumulative time requests waited in the queue (µs)", ["model"], registry=r
+        )
+        self.compute_us = Counter(
+            "nv_inference_compute_infer_duration_us", "Cumulative batch compute time (µs)", ["model"], registry=r
+        )
+        self.pending = Gauge(
+            "nv_inference_pending_request_count", "Requests accepted and waiting for a batch", ["model"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "fusedgate_request_duration_seconds",
+            "End-to-end request time",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rows = Counter("fusedgate_inference_rows", "Token rows computed for requests", ["model"], registry=r)
+        self.fill = Histogram(
+            "fusedgate_bucket_fill_ratio",
+            "Real rows / rows computed per batch",
+            ["model"],
+            buckets=FILL_BUCKETS,
+            registry=r,
+        )
+        self.replays = Counter("fusedgate_bucket_replays", "Batches per bucket", ["model", "bucket"], registry=r)
+
+    def batch(self, model: str, record: BatchRecord, bucket: int, padded_rows: int) -> None:
+        self.inference_count.labels(model).inc(record.requests)
+        self.exec_count.labels(model).inc()
+        self.queue_us.labels(model).inc(sum(record.queue_seconds) * 1e6)
+        self.compute_us.labels(model).inc(record.compute_seconds * 1e6)
+        self.rows.labels(model).inc(record.rows)
+        self.fill.labels(model).observe(record.rows / padded_rows)
+        self.replays.labels(model, str(bucket)).inc()
+
+    def request_done(self, model: str, seconds: float) -> None:
+        self.success.labels(model).inc()
+        self.request_us.labels(model).inc(seconds * 1e6)
+        self.request_seconds.labels(model).observe(seconds)
+
+    def request_failed(self, model: str, reason: str) -> None:
+        self.failure.labels(model, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,199 @@
+"""A served routing model: its preset, its bias (and where it came from), and the backend that computes batches.
+
+Backends take a batch of logits as one numpy array ``[rows, E]`` of one dtype and return numpy outputs:
+``gpu`` copies it into pinned memory, replays the graph runner's bucket for that dtype and copies the rows
+back; ``cpu`` runs the C++ CPU kernel on it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from graphs.buckets import BucketTable, bucket_list
+from op.configs import RoutingConfig, get_config
+
+BIAS_KEY = "e_score_correction_bias"
+BACKENDS = ("cpu", "gpu")
+LOGIT_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+
+
+def seeded_bias(num_experts: int, seed: int) -> np.ndarray:
+    """The bias a model gets when no file is given: small normal values from a recorded seed."""
+    return (np.random.default_rng(seed).standard_normal(num_experts) * 0.1).astype(np.float32)
+
+
+def load_bias(path: Path, num_experts: int) -> np.ndarray:
+    """A bias of ``num_experts`` values from ``.npy``, or ``.safetensors`` under the key ``e_score_correction_bias``."""
+    if path.suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+    elif path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        if BIAS_KEY not in tensors:
+            raise ValueError(f"{path} holds no tensor {BIAS_KEY!r} (it has: {', '.join(sorted(tensors)) or 'none'})")
+        array = tensors[BIAS_KEY]
+    else:
+        raise ValueError(f"bias file {path} must end in .npy or .safetensors")
+    array = np.asarray(array).astype(np.float32).reshape(-1)
+    if array.shape != (num_experts,):
+        raise ValueError(f"bias file {path} holds {array.size} values: the model has E={num_experts} experts")
+    return array
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    preset: str
+    backend: str = "cpu"
+    index_dtype: str = "int64"
+    with_scores: bool = False
+    bias_file: Path | None = None
+    bias_seed: int = 0
+    bucket_policy: str = "pow2"
+    max_bucket: int = 8192
+
+
+class _CpuBackend:
+    def __init__(self, model: ServedModel):
+        self.model = model
+
+    def __call__(self, logits: np.ndarray) -> tuple:
+        from op import grouped_topk
+
+        m = self.model
+        return grouped_topk(
+            logits, m.bias, *m.config.args(), index_dtype=m.settings.index_dtype, return_scores=m.settings.with_scores
+        )
+
+
+class _GpuBackend:
+    """One graph runner per logit dtype, fed from pinned host memory."""
+
+    def __init__(self, model: ServedModel):
+        import torch
+
+        from graphs.runner import GraphRunner
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("backend 'gpu' needs a CUDA GPU visible to torch; use --backend cpu")
+        self.torch, self.model = torch, model
+        s, largest, experts = model.settings, model.table.largest, model.config.num_experts
+        self.bias = torch.from_numpy(model.bias).cuda()
+        self.runners, self.staging = {}, {}
+        for dtype in LOGIT_DTYPES:
+            self.runners[dtype] = GraphRunner(
+                "fused",
+                model.config,
+                model.table.buckets,
+                dtype,
+                index_dtype=s.index_dtype,
+                return_scores=s.with_scores,
+                name=model.name,
+            )
+            self.staging[dtype] = torch.empty((largest, experts), dtype=getattr(torch, dtype), pin_memory=True)
+        self.host_out = (
+            torch.empty((largest, experts), dtype=torch.float32, pin_memory=True) if s.with_scores else None,
+            torch.empty((largest, model.config.top_k), dtype=torch.float32, pin_memory=True),
+            torch.empty((largest, model.config.top_k), dtype=getattr(torch, s.index_dtype), pin_memory=True),
+        )
+
+    def _host_view(self, tensor: Any) -> np.ndarray:
+        # numpy has no bfloat16 view of a torch tensor: share the bytes as int16 and reinterpret.
+        if tensor.dtype == self.torch.bfloat16:
+            return tensor.view(self.torch.int16).numpy().view(LOGIT_DTYPES["bfloat16"])
+        return tensor.numpy()
+
+    def __call__(self, logits: np.ndarray) -> tuple:
+        torch = self.torch
+        dtype = logits.dtype.name
+        rows = logits.shape[0]
+        runner = self.runners[dtype]
+        if rows > self.model.table.largest:
+            device_logits = torch.from_numpy(logits.view(np.int16) if dtype == "bfloat16" else logits)
+            if dtype == "bfloat16":
+                device_logits = device_logits.view(torch.bfloat16)
+            outputs = runner(device_logits, self.bias)
+            return tuple(None if t is None else self._host_view(t.cpu()) for t in outputs)
+        staging = self.staging[dtype][:rows]
+        np.copyto(self._host_view(staging), logits)
+        outputs = runner(staging, self.bias)
+        host = tuple(None if h is None else h[:rows] for h in self.host_out)
+        for dst, src in zip(host, outputs, strict=True):
+            if dst is not None:
+                dst.copy_(src, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        # Views of the pinned buffers: the caller splits them into per-request copies before the next batch.
+        return tuple(None if h is None else self._host_view(h) for h in host)
+
+
+class ServedModel:
+    """A preset with its bias and backend; ``compute(logits)`` routes one batch (called from one thread)."""
+
+    def __init__(self, settings: ModelSettings):
+        if settings.backend not in BACKENDS:
+            raise ValueError(f"backend={settings.backend!r} is unknown: allowed {', '.join(BACKENDS)}")
+        if settings.index_dtype not in ("int64", "int32"):
+            raise ValueError(f"index_dtype={settings.index_dtype!r} is not supported: allowed int64, int32")
+        self.settings = settings
+        self.name = settings.preset
+        self.config: RoutingConfig = get_config(settings.preset)
+        if settings.bias_file is not None:
+            self.bias = load_bias(settings.bias_file, self.config.num_experts)
+            self.bias_source = f"file:{settings.bias_file.name}"
+        else:
+            self.bias = seeded_bias(self.config.num_experts, settings.bias_seed)
+            self.bias_source = f"seed:{settings.bias_seed}"
+        self.bias_sha256 = hashlib.sha256(self.bias.tobytes()).hexdigest()
+        self.table = BucketTable(bucket_list(settings.bucket_policy, settings.max_bucket))
+        self.outputs = {"topk_values": "FP32", "topk_indices": "INT64" if settings.index_dtype == "int64" else "INT32"}
+        if settings.with_scores:
+            self.outputs["scores"] = "FP32"
+        self._backend = _GpuBackend(self) if settings.backend == "gpu" else _CpuBackend(self)
+        # Load the library and touch every dtype's path now, so the first requests do not pay for it.
+        for dtype in LOGIT_DTYPES.values():
+            self.compute(np.zeros((1, self.config.num_experts), dtype=dtype))
+
+    def padded_rows(self, rows: int) -> int:
+        """Rows the backend computes for a batch of ``rows``: its bucket on the GPU, exactly ``rows`` on the CPU."""
+        if self.settings.backend == "cpu":
+            return rows
+        return sum(chunk.bucket for chunk in self.table.chunks(rows))
+
+    def compute(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        scores, values, ids = self._backend(logits)
+        out = {"topk_values": values, "topk_indices": ids}
+        if scores is not None:
+            out["scores"] = scores
+        return out
+
+    def metadata(self, max_tokens: int) -> dict:
+        e = self.config.num_experts
+        return {
+            "name": self.name,
+            "versions": ["1"],
+            "platform": f"fusedgate_{self.settings.backend}",
+            "inputs": [{"name": "gating_output", "datatype": "FP32", "shape": [-1, e]}],
+            "outputs": [
+                {"name": name, "datatype": datatype, "shape": [-1, e if name == "scores" else self.config.top_k]}
+                for name, datatype in self.outputs.items()
+            ],
+            "parameters": {
+                "input_datatypes": "FP32 (JSON or binary), FP16 and BF16 (binary only)",
+                "bias_source": self.bias_source,
+                "bias_sha256": self.bias_sha256,
+                "max_tokens": max_tokens,
+                "buckets": ",".join(str(b) for b in self.table.buckets),
+                **dataclasses.asdict(self.config),
+            },
+        }

@@ -1,0 +1,208 @@
+"""The Open Inference Protocol (KServe v2 REST) for routing models: parse an infer request, encode its response.
+
+JSON tensors and the binary tensor data extension in both directions, as Triton Inference Server speaks them:
+a request or response whose JSON part is followed by raw tensor bytes says so with the header
+``Inference-Header-Content-Length`` (the JSON part's length), and each binary tensor carries
+``parameters.binary_data_size``. Every problem raises ``ProtocolError`` with the status code to answer and a
+message that names the field, so a bad request is refused before it can join a batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+HEADER_LENGTH = "inference-header-content-length"
+INPUT_NAME = "gating_output"
+# Logit datatypes; FP16 and BF16 travel as binary only, as in Triton (JSON numbers are FP32 at best here).
+INPUT_DATATYPES = {"FP32": np.dtype(np.float32), "FP16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
+JSON_INPUT_DATATYPES = ("FP32",)
+OUTPUT_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}
+
+
+class ProtocolError(Exception):
+    """A request the protocol or the model cannot take: ``status`` is the HTTP code, ``reason`` a metrics label."""
+
+    def __init__(self, status: int, message: str, reason: str = "INVALID_ARGUMENT"):
+        super().__init__(message)
+        self.status, self.message, self.reason = status, message, reason
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a served model accepts and can return."""
+
+    name: str
+    num_experts: int
+    outputs: dict[str, str]  # output name -> its datatype
+    max_tokens: int
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    logits: np.ndarray  # [T, E] in the datatype it came in
+    outputs: list[tuple[str, bool]]  # (name, as binary) in the order asked for
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(400, message)
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise _bad(f"Inference-Header-Content-Length={header_length!r} is not an integer") from None
+    if not 0 <= length <= len(body):
+        raise _bad(f"Inference-Header-Content-Length={length} is out of range: allowed 0..{len(body)} (the body size)")
+    return body[:length], memoryview(body)[length:]
+
+
+def _parse_json(text: bytes) -> dict:
+    try:
+        document = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _bad(f"malformed JSON in the request: {error}") from None
+    if not isinstance(document, dict):
+        raise _bad(f"the request must be a JSON object, got {type(document).__name__}")
+    return document
+
+
+def _shape(tensor: dict, signature: ModelSignature) -> tuple[int, int]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise _bad(f"input {INPUT_NAME} needs 'shape', a list of integers; got {shape!r}")
+    if len(shape) != 2:
+        raise _bad(f"input {INPUT_NAME} has rank {len(shape)} (shape {shape}): expected rank 2, [T, E]")
+    tokens, experts = shape
+    if experts != signature.num_experts:
+        raise _bad(
+            f"input {INPUT_NAME} has width E={experts}: model {signature.name} expects E={signature.num_experts}"
+        )
+    if not 1 <= tokens <= signature.max_tokens:
+        raise _bad(f"input {INPUT_NAME} has T={tokens} tokens: allowed 1 <= T <= {signature.max_tokens}")
+    return tokens, experts
+
+
+def _tensor_data(tensor: dict, shape: tuple[int, int], binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    datatype = tensor.get("datatype")
+    if datatype not in INPUT_DATATYPES:
+        raise _bad(f"input {INPUT_NAME} has datatype {datatype!r}: allowed {', '.join(INPUT_DATATYPES)}")
+    dtype = INPUT_DATATYPES[datatype]
+    count = shape[0] * shape[1]
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise _bad(f"input {INPUT_NAME}: 'parameters' must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if "data" in tensor:
+            raise _bad(f"input {INPUT_NAME} has both 'data' and binary_data_size: send one")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _bad(f"input {INPUT_NAME}: binary_data_size={size!r} must be a non-negative integer")
+        if size != count * dtype.itemsize:
+            raise _bad(
+                f"input {INPUT_NAME}: binary_data_size={size} does not match shape {list(shape)} of {datatype} "
+                f"({count * dtype.itemsize} bytes)"
+            )
+        if offset + size > len(binary):
+            raise _bad(
+                f"input {INPUT_NAME}: binary_data_size={size} runs past the binary data after the JSON header "
+                f"({len(binary) - offset} bytes left)"
+            )
+        return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape), offset + size
+    if "data" not in tensor:
+        raise _bad(f"input {INPUT_NAME} has neither 'data' nor parameters.binary_data_size")
+    if datatype not in JSON_INPUT_DATATYPES:
+        raise _bad(f"input {INPUT_NAME}: datatype {datatype} is accepted as binary tensor data only, not in JSON")
+    try:
+        array = np.asarray(tensor["data"], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise _bad(f"input {INPUT_NAME}: 'data' must hold numbers only") from None
+    if array.size != count:
+        raise _bad(f"input {INPUT_NAME}: 'data' holds {array.size} values, shape {list(shape)} needs {count}")
+    return array.reshape(shape), offset
+
+
+def _requested_outputs(document: dict, signature: ModelSignature) -> list[tuple[str, bool]]:
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise _bad("request 'parameters' must be an object")
+    all_binary = bool(parameters.get("binary_data_output", False))
+    asked = document.get("outputs")
+    if asked is None:
+        return [(name, all_binary) for name in signature.outputs]
+    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
+        raise _bad("'outputs' must be a list of objects with a 'name'")
+    out, seen = [], set()
+    for entry in asked:
+        name = entry.get("name")
+        if name not in signature.outputs:
+            raise _bad(f"unknown output {name!r}: model {signature.name} offers {', '.join(signature.outputs)}")
+        if name in seen:
+            raise _bad(f"output {name!r} is asked for twice")
+        seen.add(name)
+        entry_parameters = entry.get("parameters") or {}
+        if not isinstance(entry_parameters, dict):
+            raise _bad(f"output {name}: 'parameters' must be an object")
+        out.append((name, bool(entry_parameters.get("binary_data", all_binary))))
+    return out
+
+
+def parse_infer(body: bytes, header_length: str | None, signature: ModelSignature) -> InferRequest:
+    """Validate and decode an infer request for ``signature``; raise ``ProtocolError`` on anything wrong."""
+    text, binary = _split_body(body, header_length)
+    document = _parse_json(text)
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
+        raise _bad(f"'inputs' must be a non-empty list of tensors; model {signature.name} takes {INPUT_NAME}")
+    names = [t.get("name") for t in inputs]
+    unknown = [n for n in names if n != INPUT_NAME]
+    if unknown:
+        raise _bad(f"unknown input {unknown[0]!r}: model {signature.name} takes one input, {INPUT_NAME}")
+    if len(names) != 1:
+        raise _bad(f"input {INPUT_NAME} is given {len(names)} times")
+    tensor = inputs[0]
+    shape = _shape(tensor, signature)
+    logits, used = _tensor_data(tensor, shape, binary, 0)
+    if used != len(binary):
+        raise _bad(
+            f"the binary data after the JSON header is {len(binary)} bytes, but the inputs' binary_data_size "
+            f"values add up to {used}"
+        )
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise _bad(f"'id' must be a string, got {type(request_id).__name__}")
+    return InferRequest(request_id, logits, _requested_outputs(document, signature))
+
+
+def encode_infer_response(
+    model: str, request_id: str | None, outputs: Sequence[tuple[str, np.ndarray, bool]]
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers; outputs marked binary follow the JSON part in the order listed."""
+    tensors, blobs = [], []
+    for name, array, binary in outputs:
+        tensor = {"name": name, "datatype": OUTPUT_DATATYPES[array.dtype], "shape": list(array.shape)}
+        if binary:
+            blob = np.ascontiguousarray(array).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = array.reshape(-1).tolist()
+        tensors.append(tensor)
+    document = {"model_name": model, "model_version": "1", "outputs": tensors}
+    if request_id is not None:
+        document["id"] = request_id
+    head = json.dumps(document, separators=(",", ":")).encode()
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return b"".join([head, *blobs]), {
+        "content-type": "application/octet-stream",
+        HEADER_LENGTH: str(len(head)),
+    }

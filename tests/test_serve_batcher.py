@@ -1,0 +1,106 @@
+"""The dynamic batcher alone: batch formation, per-request results, failures, bounds and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from graphs.batcher import DynamicBatcher, QueueFull, ShuttingDown
+
+
+class Recorder:
+    """A compute that answers each request with its payload and records the batches it saw."""
+
+    def __init__(self, fail_on=None, gate: threading.Event | None = None):
+        self.batches, self.fail_on, self.gate = [], fail_on, gate
+
+    def __call__(self, batch):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.batches.append([(p.key, p.rows, p.payload) for p in batch])
+        if self.fail_on is not None and any(p.payload == self.fail_on for p in batch):
+            raise RuntimeError("backend broke")
+        return [("answer", p.payload) for p in batch]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_batches_group_by_key_within_max_rows_and_answer_each_request():
+    async def main():
+        compute = Recorder()
+        batcher = DynamicBatcher(compute, max_rows=10, max_delay_s=0.05, max_queue=100)
+        await batcher.start()
+        jobs = [("a", 4, 0), ("a", 4, 1), ("a", 4, 2), ("b", 1, 3), ("a", 1, 4), ("a", 30, 5)]
+        answers = await asyncio.gather(*(batcher.submit(rows, key, n) for key, rows, n in jobs))
+        await batcher.stop()
+        return compute.batches, answers
+
+    batches, answers = run(main())
+    assert answers == [("answer", n) for n in range(6)]
+    assert sorted(n for batch in batches for _, _, n in batch) == list(range(6))
+    for batch in batches:
+        assert len({key for key, _, _ in batch}) == 1
+        assert sum(rows for _, rows, _ in batch) <= 10 or len(batch) == 1
+    assert [[n for _, _, n in b] for b in batches][0] == [0, 1]
+
+
+def test_a_delay_lets_concurrent_requests_share_one_batch():
+    async def main():
+        compute = Recorder()
+        batcher = DynamicBatcher(compute, max_rows=1000, max_delay_s=0.2, max_queue=100)
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit(1, "a", n) for n in range(20)))
+        await batcher.stop()
+        return compute.batches
+
+    batches = run(main())
+    assert len(batches) == 1 and len(batches[0]) == 20
+
+
+def test_a_failing_batch_fails_its_own_requests_only():
+    async def main():
+        batcher = DynamicBatcher(Recorder(fail_on=1), max_rows=2, max_delay_s=0.05, max_queue=100)
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit(1, "a", n) for n in range(4)), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = run(main())
+    assert [type(r) for r in results[:2]] == [RuntimeError, RuntimeError]
+    assert results[2:] == [("answer", 2), ("answer", 3)]
+
+
+def test_a_full_queue_refuses_at_once_and_stop_drains_the_rest():
+    async def main():
+        gate = threading.Event()
+        batcher = DynamicBatcher(Recorder(gate=gate), max_rows=1, max_delay_s=0.0, max_queue=3)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(1, "a", 0))]
+        await asyncio.sleep(0.05)  # request 0 is computing, held at the gate
+        tasks += [asyncio.create_task(batcher.submit(1, "a", n)) for n in range(1, 4)]
+        await asyncio.sleep(0.05)  # requests 1-3 wait in the queue
+        with pytest.raises(QueueFull, match="3 requests waiting"):
+            await batcher.submit(1, "a", 99)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(1, "a", 100)
+        gate.set()
+        await stopping
+        return [t.result() for t in tasks]
+
+    assert run(main()) == [("answer", n) for n in range(4)]
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [({"max_rows": 0}, "max_rows=0"), ({"max_delay_s": -1.0}, "max_delay_s=-1.0"), ({"max_queue": 0}, "max_queue=0")],
+)
+def test_arguments_are_validated(kwargs, needle):
+    args = {"max_rows": 8, "max_delay_s": 0.0, "max_queue": 4, **kwargs}
+    with pytest.raises(ValueError, match=needle):
+        DynamicBatcher(Recorder(), **args)
