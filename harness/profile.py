@@ -73,8 +73,9 @@ def profile(path: str, preset: str, dtype: str, tokens: int, out_dir: Path) -> i
         "Occupancy",
         "--section",
         "WarpStateStats",
+        # One launch: the timed replays run the same kernel on the same input, and a report stays small.
         "--launch-count",
-        "5",
+        "1",
         "-f",
         "-o",
         str(report),

@@ -23,7 +23,7 @@ from op.testing import assert_routing_close  # noqa: E402
 
 WIRE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 MAX_TOKENS = 1000
-MAX_BODY = 1 << 20
+MAX_BODY = 4 << 20
 
 
 @pytest.fixture(scope="module")
