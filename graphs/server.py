@@ -31,6 +31,7 @@ NVTX_DOMAIN = "fusedgate"
 SERVER_NAME = "fusedgate"
 # Bodies above this are decoded and encoded off the event loop, so one large request does not stall the others.
 THREADPOOL_BYTES = 1 << 20
+DRAIN_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,23 @@ class _ModelService:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes; past it 413, after reading on (up to 4x the limit) so that the client,
+    still sending, receives the answer instead of a reset connection."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ProtocolError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    too_long = ProtocolError(
+        413, f"request body of {declared or 'more than ' + str(limit)} bytes exceeds the limit of {limit} bytes"
+    )
+    if declared is not None and declared.isdigit() and int(declared) > DRAIN_FACTOR * limit:
+        raise too_long
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise ProtocolError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+        if size > DRAIN_FACTOR * limit:
+            raise too_long
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise too_long
     return b"".join(chunks)
 
 
