@@ -135,10 +135,12 @@ def serve(session: nox.Session) -> None:
 
 @nox.session(venv_backend=HARNESS_BACKEND)
 def loadtest(session: nox.Session) -> None:
-    """Concurrent checked clients against a server it starts: the CPU backend, then the GPU backend if present."""
+    """Checked concurrent clients against a server it starts, for each backend here (CPU, and GPU where present),
+    with mixed JSON and binary tensors, then binary only."""
     backends = ["cpu", "gpu"] if HARNESS_BACKEND == "none" else ["cpu"]
     if session.posargs:
         _harness(session, "loadtest")
         return
-    for backend in backends:
-        _harness(session, "loadtest", "--backend", backend, posargs=False)
+    for encoding in ("mixed", "binary"):
+        for backend in backends:
+            _harness(session, "loadtest", "--backend", backend, "--encoding", encoding, posargs=False)

@@ -29,6 +29,7 @@ import numpy as np
 from graphs.models import load_bias, seeded_bias
 from op.configs import RoutingConfig
 
+ENCODINGS = ("mixed", "binary")
 COUNTS = ("nv_inference_count_total", "nv_inference_exec_count_total")
 ROUTING_OUTPUTS = ("scores", "topk_values", "topk_indices")
 WIRE_DTYPES = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
@@ -105,7 +106,12 @@ def run_loadtest(
     max_tokens: int,
     seed: int,
     bias_file: Path | None = None,
+    encoding: str = "mixed",
 ) -> LoadResult:
+    """``encoding``: ``mixed`` draws JSON or binary per tensor (protocol coverage); ``binary`` sends and asks for
+    binary tensors only, as a latency-minded client would."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r} is unknown: allowed {', '.join(ENCODINGS)}")
     from tritonclient import http
 
     from op.testing import compare_routing
@@ -128,11 +134,14 @@ def run_loadtest(
                 # Token counts log-uniform in [1, max_tokens]: mostly small requests, a few large ones.
                 tokens = int(math.exp(rng.uniform(0, math.log(max_tokens))))
                 wire = ("FP32", "FP16", "BF16")[rng.integers(3)]
-                binary_in = wire != "FP32" or bool(rng.integers(2))
+                binary_in = wire != "FP32" or encoding == "binary" or bool(rng.integers(2))
                 x = _draw_logits(rng, tokens, config.num_experts, wire)
                 tensor = http.InferInput("gating_output", list(x.shape), wire)
                 tensor.set_data_from_numpy(x, binary_data=binary_in)
-                asked = [http.InferRequestedOutput(o, binary_data=bool(rng.integers(2))) for o in outputs]
+                asked = [
+                    http.InferRequestedOutput(o, binary_data=encoding == "binary" or bool(rng.integers(2)))
+                    for o in outputs
+                ]
                 started = time.perf_counter()
                 try:
                     answer = client.infer(model, [tensor], outputs=asked, request_id=str(n))
@@ -169,12 +178,13 @@ def run_loadtest(
     return result
 
 
-def describe(result: LoadResult, model: str, backend: str, clients: int) -> str:
+def describe(result: LoadResult, model: str, backend: str, clients: int, encoding: str) -> str:
     lat = sorted(result.latencies)
     p50 = statistics.median(lat) * 1e3 if lat else float("nan")
     p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3 if lat else float("nan")
     lines = [
-        f"model {model}, backend {backend}, {clients} clients: {result.answered}/{result.sent} answered in "
+        f"model {model}, backend {backend}, {clients} clients, {encoding} encoding: {result.answered}/{result.sent} "
+        f"answered in "
         f"{result.seconds:.2f} s",
         f"throughput {result.answered / result.seconds:.1f} requests/s, {result.rows / result.seconds:.0f} tokens/s; "
         f"latency p50 {p50:.2f} ms, p99 {p99:.2f} ms; requests per replay {result.requests_per_replay:.2f}",

@@ -140,10 +140,12 @@ def _loadtest(args: argparse.Namespace) -> int:
         process = spawn_server(args.preset, args.backend, port, extra + (["--with-scores"] if args.with_scores else []))
         url = f"127.0.0.1:{port}"
     try:
-        result = run_loadtest(url, args.preset, args.clients, args.requests, args.max_request_tokens, args.seed, None)
+        result = run_loadtest(
+            url, args.preset, args.clients, args.requests, args.max_request_tokens, args.seed, None, args.encoding
+        )
     finally:
         status = stop_server(process) if process is not None else 0
-    print(describe(result, args.preset, args.backend if process else f"at {url}", args.clients))
+    print(describe(result, args.preset, args.backend if process else f"at {url}", args.clients, args.encoding))
     if status != 0:
         print(f"the server exited with status {status} on SIGTERM")
     return 0 if result.ok and status == 0 else 1
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--requests", type=int, default=2000)
     load.add_argument("--max-request-tokens", type=int, default=512)
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument(
+        "--encoding", choices=["mixed", "binary"], default="mixed", help="mixed: JSON or binary at random per tensor"
+    )
     load.set_defaults(run=_loadtest)
 
     bench = commands.add_parser("bench", help="every GPU path side by side (arguments as harness.bench)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +44,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def git_commit() -> str:
-    """The checkout's short commit, or ``unknown`` outside a git checkout (the CSV's ``commit`` column)."""
+    """The CSV's ``commit`` column: ``$FUSEDGATE_COMMIT`` where set (a copy of the tree without its git history
+    sets it), else the checkout's short commit, else ``unknown``."""
+    if os.environ.get("FUSEDGATE_COMMIT"):
+        return os.environ["FUSEDGATE_COMMIT"]
     try:
         done = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, timeout=30
