@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int tokens_per_warp = 32 / p.lanes;
   const int sub = lane / p.lanes;
   const int e0 = (lane & (p.lanes - 1)) * p.vpt;
-  float* stage = stage_all + (warp * tokens_per_warp + sub) * 3 * p.top_k;
+  float* stage = stage_all + (warp * tokens_per_warp + sub) * stage_words(p);
 
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock * tokens_per_warp;
   int64_t base = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * tokens_per_warp;

@@ -45,7 +45,7 @@ inline int grid_blocks(int64_t num_tokens, const RoutingParams& p, int device, i
 }
 
 inline size_t stage_bytes(const RoutingParams& p) {
-  return static_cast<size_t>(kWarpsPerBlock) * (32 / p.lanes) * 3 * p.top_k * sizeof(float);
+  return static_cast<size_t>(kWarpsPerBlock) * (32 / p.lanes) * stage_words(p) * sizeof(float);
 }
 
 inline const int32_t* num_tokens_pointer(const Optional<TensorView>& num_tokens, const TensorView& like) {

@@ -15,11 +15,21 @@ namespace fusedgate {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// 2^t by the hardware exponential, flushing results below 2^-126 to zero. Here that changes nothing: such a
+// value vanishes in 1 + e anyway, and skipping the denormal range check saves three instructions per expert.
+__device__ __forceinline__ float exp2_ftz(float t) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+  return r;
+}
+
 // Rule 1, written with explicit round-to-nearest intrinsics so no contraction changes a bit between paths.
 // The correctly rounded reciprocal equals the IEEE quotient 1 / y at a fraction of a division's cost. The
-// exponential is the hardware one (ex2.approx of x * log2 e): its error in s stays far below the alignment
+// exponential is the hardware one (ex2.approx of -x * log2 e): its error in s stays far below the alignment
 // standard's 8 ulp at 1.0 in b and 1e-5 relative in the weights, and every GPU path shares this function.
-__device__ __forceinline__ float sigmoid_rn(float x) { return __frcp_rn(__fadd_rn(1.0f, __expf(-x))); }
+__device__ __forceinline__ float sigmoid_rn(float x) {
+  return __frcp_rn(__fadd_rn(1.0f, exp2_ftz(__fmul_rn(x, -1.4426950408889634f))));
+}
 
 // Keep the two largest of a stream of values; a repeated maximum fills both places.
 __device__ __forceinline__ void push_top2(float v, float& top1, float& top2) {
@@ -59,6 +69,85 @@ template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <>
 __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+
+// Per-token shared memory: room for the selection candidates (64-bit order keys, then their s), then the
+// chosen s, ids and weights (top_k each). A token never has more candidates than the experts its lanes hold,
+// so narrow layouts (many tokens per warp) keep their blocks' shared memory small. An even word count keeps
+// every token's 64-bit keys 8-byte aligned.
+constexpr int kCandidates = 32;
+
+__host__ __device__ inline int candidate_slots(const RoutingParams& p) {
+  return p.lanes * p.vpt < kCandidates ? p.lanes * p.vpt : kCandidates;
+}
+
+__host__ __device__ inline int stage_words(const RoutingParams& p) {
+  const int words = 3 * candidate_slots(p) + 3 * p.top_k;
+  return words + (words & 1);
+}
+
+enum class Selection { kDone, kIncomplete, kTooMany };
+
+// Select the top_k keys of a sub-warp through a threshold, writing their s and ids to the stage in output
+// order (b descending, then index ascending). Lanes' maxima taken top_k times (a repeated maximum drops every
+// lane holding it) end at a value that at least top_k keys reach, so the top_k keys are among the keys at or
+// above it. Those candidates are compacted into shared memory and each ranks itself against the others.
+// kIncomplete: fewer than top_k keys are valid (rule 7's fallback). kTooMany: more than `slots` keys pass
+// (many equal keys) and nothing was written; the caller then selects round by round.
+template <int VPT>
+__device__ __forceinline__ Selection select_by_threshold(const uint32_t (&key)[VPT], const float (&s)[VPT], int e0,
+                                                         int sub_lane, int lanes, unsigned sub_mask, int top_k,
+                                                         int slots, float* stage) {
+  uint32_t lane_max = 0;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) lane_max = max(lane_max, key[i]);
+  uint32_t threshold = 0, v = lane_max;
+  bool exhausted = false;
+  for (int r = 0; r < top_k; ++r) {
+    const uint32_t m = __reduce_max_sync(sub_mask, v);
+    exhausted |= m == 0;
+    threshold = m != 0 ? m : threshold;
+    v = v == m ? 0u : v;
+  }
+  // Fewer than top_k lanes hold a valid key: every valid key is a candidate.
+  if (exhausted) threshold = 1;
+  int count = 0;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) count += key[i] >= threshold;
+  const int total = static_cast<int>(__reduce_add_sync(sub_mask, static_cast<uint32_t>(count)));
+  if (total < top_k) return Selection::kIncomplete;
+  if (total > slots) return Selection::kTooMany;
+  int inclusive = count;
+  for (int d = 1; d < lanes; d <<= 1) {
+    const int below = __shfl_up_sync(sub_mask, inclusive, d, lanes);
+    if (sub_lane >= d) inclusive += below;
+  }
+  // Order key: the selection key above the complemented expert id, so a larger order key is the better
+  // expert, ties included (equal b: the lower index wins), and no two candidates compare equal.
+  uint64_t* order = reinterpret_cast<uint64_t*>(stage);
+  float* cand_s = stage + 2 * slots;
+  int pos = inclusive - count;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    if (key[i] >= threshold) {
+      order[pos] = (static_cast<uint64_t>(key[i]) << 32) | static_cast<uint32_t>(~(e0 + i));
+      cand_s[pos] = s[i];
+      ++pos;
+    }
+  }
+  __syncwarp(sub_mask);
+  float* stage_s = stage + 3 * slots;
+  int* stage_id = reinterpret_cast<int*>(stage_s + top_k);
+  for (int j = sub_lane; j < total; j += lanes) {
+    const uint64_t mine = order[j];
+    int rank = 0;
+    for (int q = 0; q < total; ++q) rank += order[q] > mine;
+    if (rank < top_k) {
+      stage_s[rank] = cand_s[j];
+      stage_id[rank] = static_cast<int>(~static_cast<uint32_t>(mine));
+    }
+  }
+  return Selection::kDone;
+}
 
 // Output tensors of one call; `indices` is int32 or int64 by `index64`.
 struct RoutingOutputs {
@@ -151,41 +240,46 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
     }
   }
 
-  // top_k rounds of a sub-warp arg-max. The owner of each winner records its s and id in `stage` and drops
-  // it from its keys; nothing else crosses lanes.
-  float* stage_s = stage;
-  int* stage_id = reinterpret_cast<int*>(stage + p.top_k);
-  float* stage_w = stage + 2 * p.top_k;
-  bool incomplete = false;
-  for (int r = 0; r < p.top_k; ++r) {
-    uint32_t best_key = 0;
-    int best_i = 0;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      if (key[i] > best_key) {
-        best_key = key[i];
-        best_i = i;
-      }
-    }
-    // Arg-max over the sub-warp in two hardware reductions: the largest key, then the lowest expert
-    // holding it (equal keys are equal b; the lower index wins).
-    const uint32_t own_key = best_key;
-    best_key = __reduce_max_sync(sub_mask, own_key);
-    const int best_e = static_cast<int>(
-        __reduce_min_sync(sub_mask, own_key == best_key && best_key ? static_cast<uint32_t>(e0 + best_i) : 0x7fffffffu));
-    incomplete |= best_key == 0;
-    const int local = best_e - e0;
-    if (best_key != 0 && local >= 0 && local < p.vpt) {
-      float chosen_s = 0.0f;
+  const int slots = candidate_slots(p);
+  float* stage_s = stage + 3 * slots;
+  int* stage_id = reinterpret_cast<int*>(stage_s + p.top_k);
+  float* stage_w = stage_s + 2 * p.top_k;
+  const Selection selection =
+      select_by_threshold<VPT>(key, s, e0, sub_lane, lanes, sub_mask, p.top_k, slots, stage);
+  bool incomplete = selection == Selection::kIncomplete;
+  if (selection == Selection::kTooMany) {
+    // top_k rounds of a sub-warp arg-max. The owner of each winner records its s and id in `stage` and
+    // drops it from its keys; nothing else crosses lanes.
+    for (int r = 0; r < p.top_k; ++r) {
+      uint32_t best_key = 0;
+      int best_i = 0;
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
-        if (i == local) {
-          chosen_s = s[i];
-          key[i] = 0;
+        if (key[i] > best_key) {
+          best_key = key[i];
+          best_i = i;
         }
       }
-      stage_s[r] = chosen_s;
-      stage_id[r] = best_e;
+      // Arg-max over the sub-warp in two hardware reductions: the largest key, then the lowest expert
+      // holding it (equal keys are equal b; the lower index wins).
+      const uint32_t own_key = best_key;
+      best_key = __reduce_max_sync(sub_mask, own_key);
+      const int best_e = static_cast<int>(__reduce_min_sync(
+          sub_mask, own_key == best_key && best_key ? static_cast<uint32_t>(e0 + best_i) : 0x7fffffffu));
+      incomplete |= best_key == 0;
+      const int local = best_e - e0;
+      if (best_key != 0 && local >= 0 && local < p.vpt) {
+        float chosen_s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          if (i == local) {
+            chosen_s = s[i];
+            key[i] = 0;
+          }
+        }
+        stage_s[r] = chosen_s;
+        stage_id[r] = best_e;
+      }
     }
   }
   __syncwarp();

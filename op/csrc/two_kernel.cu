@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int tokens_per_warp = 32 / p.lanes;
   const int sub = lane / p.lanes;
   const int e0 = (lane & (p.lanes - 1)) * p.vpt;
-  float* stage = stage_all + (warp * tokens_per_warp + sub) * 3 * p.top_k;
+  float* stage = stage_all + (warp * tokens_per_warp + sub) * stage_words(p);
   const float nan = __int_as_float(0x7fc00000);
 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
