@@ -21,7 +21,8 @@ def _series(rows: Sequence[dict], preset: str, metric: str) -> dict[str, list[tu
     series = defaultdict(list)
     for row in rows:
         if row["preset"] == preset and row["metric"] == metric:
-            label = row["path"] if not row.get("l2") else f"{row['path']} ({row['l2']}, {row['launch']})"
+            name = row["path"] + (" no scores" if row.get("scores") == "noscores" else "")
+            label = name if not row.get("l2") else f"{name} ({row['l2']}, {row['launch']})"
             series[label].append((int(row["T"]), float(row["p25"]), float(row["p50"]), float(row["p75"])))
     return {k: sorted(v) for k, v in series.items()}
 
@@ -44,7 +45,7 @@ def plot_preset(
 ) -> list[Path]:
     """Latency vs T (log-log, IQR bands), speedup vs T with the 1.0 line and crossovers, bandwidth fraction."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    fraction = _series(rows, preset, "floor_fraction")
+    fraction = _series([r for r in rows if r.get("launch") != "eager"], preset, "floor_fraction")
     fig, axes = plt.subplots(1, 3 if fraction else 2, figsize=(16 if fraction else 11, 4.2))
     latency_ax, speed_ax = axes[0], axes[1]
     # Eager timings sit in the report's tables; the latency panel holds graph replays (and host timings).

@@ -220,3 +220,17 @@ def test_profile_summary_reads_the_raw_page_and_picks_the_top_stall():
     assert lines[2].startswith("| fused_grouped_topk_kernel<__nv_bfloat16, 8> | 1,234 |")
     assert "math_pipe_throttle (2.10)" in lines[2]
     assert "long_scoreboard (3.50)" in lines[3]
+
+
+def test_plot_series_keep_scores_and_no_scores_apart():
+    from harness.plots import _series
+
+    rows = [
+        {"path": "fused", "preset": "x", "metric": "floor_fraction", "T": t, "p25": v, "p50": v, "p75": v}
+        | {"scores": scores, "l2": "cold", "launch": "graph"}
+        for t in (1, 64)
+        for scores, v in (("scores", 0.3), ("noscores", 0.1))
+    ]
+    series = _series(rows, "x", "floor_fraction")
+    assert sorted(series) == ["fused (cold, graph)", "fused no scores (cold, graph)"]
+    assert [p[2] for p in series["fused no scores (cold, graph)"]] == [0.1, 0.1]
