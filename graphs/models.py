@@ -120,6 +120,8 @@ class _GpuBackend:
         rows = logits.shape[0]
         runner = self.runners[dtype]
         if rows > self.model.table.largest:
+            # torch warns on read-only numpy memory (a single request's network buffer): hand it a copy.
+            logits = logits if logits.flags.writeable else logits.copy()
             device_logits = torch.from_numpy(logits.view(np.int16) if dtype == "bfloat16" else logits)
             if dtype == "bfloat16":
                 device_logits = device_logits.view(torch.bfloat16)

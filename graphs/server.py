@@ -66,6 +66,8 @@ class _ModelService:
             on_batch=self._record,
             name=f"serve-{model.name}",
         )
+        # Read at scrape time, so the gauge is never stale between batches.
+        metrics.pending.labels(model.name).set_function(lambda: self.batcher.waiting)
 
     def _compute(self, batch: Sequence[Pending]) -> list[dict[str, np.ndarray]]:
         rows = sum(p.rows for p in batch)
@@ -83,7 +85,6 @@ class _ModelService:
     def _record(self, record: BatchRecord) -> None:
         bucket = self.model.table.bucket_for(min(record.rows, self.model.table.largest))
         self.metrics.batch(self.model.name, record, bucket, self.model.padded_rows(record.rows))
-        self.metrics.pending.labels(self.model.name).set(self.batcher.waiting)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

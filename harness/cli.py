@@ -140,8 +140,9 @@ def _loadtest(args: argparse.Namespace) -> int:
         process = spawn_server(args.preset, args.backend, port, extra + (["--with-scores"] if args.with_scores else []))
         url = f"127.0.0.1:{port}"
     try:
+        bias = Path(args.bias) if args.bias else None
         result = run_loadtest(
-            url, args.preset, args.clients, args.requests, args.max_request_tokens, args.seed, None, args.encoding
+            url, args.preset, args.clients, args.requests, args.max_request_tokens, args.seed, bias, args.encoding
         )
     finally:
         status = stop_server(process) if process is not None else 0
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--requests", type=int, default=2000)
     load.add_argument("--max-request-tokens", type=int, default=512)
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--bias", default="", help="the bias file of a --url server whose model was given one")
     load.add_argument(
         "--encoding", choices=["mixed", "binary"], default="mixed", help="mixed: JSON or binary at random per tensor"
     )

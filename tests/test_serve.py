@@ -221,6 +221,8 @@ def test_concurrent_clients_all_answered_once_and_batched(server):
     assert _metric(url, "nv_inference_request_success_total", model="deepseek_v3") - before == 1600
     assert result.requests_per_replay > 1.0
     assert _metric(url, "fusedgate_bucket_fill_ratio_count", model="deepseek_v3") > 0
+    assert "nv_inference_pending_request_count" in urllib.request.urlopen(f"http://{url}/metrics").read().decode()
+    assert _metric(url, "nv_inference_pending_request_count", model="deepseek_v3") == 0
 
 
 def test_failures_are_counted_by_reason(server):
