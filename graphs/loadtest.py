@@ -10,7 +10,6 @@ starts ``fusedgate serve`` itself and stops it with SIGTERM afterwards, which mu
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import signal
@@ -23,16 +22,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from graphs.models import load_bias, seeded_bias
+from graphs.models import bias_digest, load_bias, seeded_bias
+from graphs.protocol import INPUT_DATATYPES
 from op.configs import RoutingConfig
 
 ENCODINGS = ("mixed", "binary")
 COUNTS = ("nv_inference_count_total", "nv_inference_exec_count_total")
 ROUTING_OUTPUTS = ("scores", "topk_values", "topk_indices")
-WIRE_DTYPES = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 
 @dataclass
@@ -85,7 +83,7 @@ def _model_description(client, model: str, bias_file: Path | None) -> tuple[Rout
         bias = seeded_bias(config.num_experts, int(source.removeprefix("seed:")))
     else:
         raise ValueError(f"model {model} has its bias from {source}: pass the same file with --bias")
-    if hashlib.sha256(bias.tobytes()).hexdigest() != p["bias_sha256"]:
+    if bias_digest(bias) != p["bias_sha256"]:
         raise ValueError(f"the bias here differs from model {model}'s ({source}): answers could not be checked")
     return config, bias, [o["name"] for o in metadata["outputs"]]
 
@@ -95,7 +93,7 @@ def _draw_logits(rng: np.random.Generator, tokens: int, experts: int, wire: str)
     # A few NaN logits: valid input (DESIGN rules 2 and 7), so the service must route them like any other.
     if rng.random() < 0.1:
         x[rng.integers(tokens), rng.integers(experts)] = np.nan
-    return x.astype(WIRE_DTYPES[wire])
+    return x.astype(INPUT_DATATYPES[wire])
 
 
 def run_loadtest(

@@ -13,24 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from graphs.buckets import BucketTable, bucket_list
+from graphs.protocol import INPUT_DATATYPES
 from op.configs import RoutingConfig, get_config
 
 BIAS_KEY = "e_score_correction_bias"
 BACKENDS = ("cpu", "gpu")
-LOGIT_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-}
+# The logit dtypes the service takes, by numpy name (the protocol names them FP32, FP16, BF16).
+LOGIT_DTYPES = {dtype.name: dtype for dtype in INPUT_DATATYPES.values()}
 
 
 def seeded_bias(num_experts: int, seed: int) -> np.ndarray:
     """The bias a model gets when no file is given: small normal values from a recorded seed."""
     return (np.random.default_rng(seed).standard_normal(num_experts) * 0.1).astype(np.float32)
+
+
+def bias_digest(bias: np.ndarray) -> str:
+    """The sha256 of a float32 bias's bytes: what model metadata publishes and a client checks its copy against."""
+    return hashlib.sha256(bias.tobytes()).hexdigest()
 
 
 def load_bias(path: Path, num_experts: int) -> np.ndarray:
@@ -156,7 +158,7 @@ class ServedModel:
         else:
             self.bias = seeded_bias(self.config.num_experts, settings.bias_seed)
             self.bias_source = f"seed:{settings.bias_seed}"
-        self.bias_sha256 = hashlib.sha256(self.bias.tobytes()).hexdigest()
+        self.bias_sha256 = bias_digest(self.bias)
         self.table = BucketTable(bucket_list(settings.bucket_policy, settings.max_bucket))
         self.outputs = {"topk_values": "FP32", "topk_indices": "INT64" if settings.index_dtype == "int64" else "INT32"}
         if settings.with_scores:

@@ -69,10 +69,14 @@ class _ModelService:
         # Read at scrape time, so the gauge is never stale between batches.
         metrics.pending.labels(model.name).set_function(lambda: self.batcher.waiting)
 
+    def _bucket(self, rows: int) -> int:
+        """The bucket a batch of ``rows`` is labelled by (the largest one for a batch served in chunks)."""
+        return self.model.table.bucket_for(min(rows, self.model.table.largest))
+
     def _compute(self, batch: Sequence[Pending]) -> list[dict[str, np.ndarray]]:
         rows = sum(p.rows for p in batch)
         logits = batch[0].payload if len(batch) == 1 else np.concatenate([p.payload for p in batch])
-        bucket = self.model.table.bucket_for(min(rows, self.model.table.largest))
+        bucket = self._bucket(rows)
         with nvtx.annotate(f"serve:{self.model.name}:bucket{bucket}", domain=NVTX_DOMAIN):
             outputs = self.model.compute(logits)
         results, start = [], 0
@@ -83,8 +87,7 @@ class _ModelService:
         return results
 
     def _record(self, record: BatchRecord) -> None:
-        bucket = self.model.table.bucket_for(min(record.rows, self.model.table.largest))
-        self.metrics.batch(self.model.name, record, bucket, self.model.padded_rows(record.rows))
+        self.metrics.batch(self.model.name, record, self._bucket(record.rows), self.model.padded_rows(record.rows))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

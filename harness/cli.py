@@ -105,14 +105,13 @@ def _bench(args: argparse.Namespace) -> int:
 def _model_settings(args: argparse.Namespace) -> list:
     from graphs.models import ModelSettings
 
-    files = {name: Path(path) for name, _, path in (spec.partition("=") for spec in args.bias or [])}
     return [
         ModelSettings(
             preset,
             backend=args.backend,
             index_dtype=args.index_dtype,
             with_scores=args.with_scores,
-            bias_file=files.get(preset),
+            bias_file=args.bias_files.get(preset),
             bias_seed=args.bias_seed,
             bucket_policy=args.bucket_policy,
             max_bucket=args.max_bucket,
@@ -272,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from graphs.server import ServerSettings
 
+        args.bias_files = {}
         for spec in args.bias or []:
-            name, sep, _ = spec.partition("=")
+            name, sep, path = spec.partition("=")
             if not sep or name not in args.preset:
                 parser.error(f"--bias {spec!r}: expected NAME=FILE with NAME one of the served presets {args.preset}")
+            args.bias_files[name] = Path(path)
         try:
             args.settings = ServerSettings(
                 args.max_queue_delay_us, args.max_queue_size, args.max_body_bytes, args.max_tokens

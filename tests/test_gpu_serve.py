@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -11,10 +10,9 @@ http = pytest.importorskip("tritonclient.http")
 
 from graphs.loadtest import run_loadtest  # noqa: E402
 from graphs.models import ModelSettings, ServedModel  # noqa: E402
+from graphs.protocol import INPUT_DATATYPES  # noqa: E402
 from graphs.server import ServerSettings, create_app, running_server  # noqa: E402
 from op.testing import assert_routing_close  # noqa: E402
-
-WIRE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +26,13 @@ def gpu_server():
 
 
 @pytest.mark.parametrize("tokens", [1, 37, 64, 200])
-@pytest.mark.parametrize("wire", sorted(WIRE))
+@pytest.mark.parametrize("wire", sorted(INPUT_DATATYPES))
 @pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2"])
 def test_gpu_backend_matches_the_reference(gpu_server, name, wire, tokens, seed):
     url, models = gpu_server
     model = models[name]
-    x = (np.random.default_rng(seed).standard_normal((tokens, model.config.num_experts)) * 2).astype(WIRE[wire])
+    x = np.random.default_rng(seed).standard_normal((tokens, model.config.num_experts)) * 2
+    x = x.astype(INPUT_DATATYPES[wire])
     tensor = http.InferInput("gating_output", list(x.shape), wire)
     tensor.set_data_from_numpy(x, binary_data=True)
     names = list(model.outputs)

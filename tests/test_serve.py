@@ -8,7 +8,6 @@ import time
 import urllib.error
 import urllib.request
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -17,11 +16,11 @@ http = pytest.importorskip("tritonclient.http")
 
 from graphs.loadtest import run_loadtest  # noqa: E402
 from graphs.models import ModelSettings, ServedModel, load_bias, seeded_bias  # noqa: E402
+from graphs.protocol import INPUT_DATATYPES  # noqa: E402
 from graphs.server import ServerSettings, create_app, running_server  # noqa: E402
 from op.configs import PRESETS  # noqa: E402
 from op.testing import assert_routing_close  # noqa: E402
 
-WIRE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 MAX_TOKENS = 1000
 MAX_BODY = 4 << 20
 
@@ -54,7 +53,7 @@ def post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple
 
 
 def logits(rng, tokens, experts, wire="FP32"):
-    return (rng.standard_normal((tokens, experts), dtype=np.float32) * 2).astype(WIRE[wire])
+    return (rng.standard_normal((tokens, experts), dtype=np.float32) * 2).astype(INPUT_DATATYPES[wire])
 
 
 def good_request(url, model, rng):
