@@ -20,25 +20,22 @@ __global__ void fused_block_kernel(const T* __restrict__ logits, const void* __r
   const int64_t token = blockIdx.x;
   if (token >= effective_tokens(num_tokens, num_tokens_ptr)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int epg = p.num_experts / p.n_group;
+  const int epg = p.experts_per_group;
   const float neg_inf = __int_as_float(0xff800000);
   const T* row = logits + token * p.num_experts;
 
-  float top1 = neg_inf, top2 = neg_inf;
-  int count = 0;
+  // A non-finite b (NaN logit or non-finite bias) is stored as NaN, whose selection key is invalid.
+  int32_t top1 = kInvalidKey, top2 = kInvalidKey;
   for (int e = warp * epg + lane; e < (warp + 1) * epg; e += 32) {
     const float bias_e = bias_kind == 0   ? static_cast<const float*>(bias)[e]
                          : bias_kind == 1 ? __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[e])
                                           : __half2float(static_cast<const __half*>(bias)[e]);
-    const float v = __fadd_rn(sigmoid_rn(to_float<T>(row[e])), bias_e);
-    b[e] = v;
-    if (isfinite(v)) {
-      push_top2(v, top1, top2);
-      ++count;
-    }
+    const float v = __fadd_rn(sigmoid_f32(to_float<T>(row[e])), bias_e);
+    b[e] = isfinite(v) ? v : __int_as_float(0x7fc00000);
+    push_top2(selection_key(b[e]), top1, top2);
   }
-  for (int offset = 16; offset > 0; offset >>= 1) merge_top2(top1, top2, count, offset);
-  if (lane == 0) group_score[warp] = group_score_of(top1, top2, count, epg >= 2 ? 2 : 1);
+  for (int offset = 16; offset > 0; offset >>= 1) merge_top2(top1, top2, offset);
+  if (lane == 0) group_score[warp] = group_score_of(top1, top2, epg);
   __syncthreads();
   if (warp != 0) return;
 
@@ -56,13 +53,13 @@ __global__ void fused_block_kernel(const T* __restrict__ logits, const void* __r
   }
   float sum = 0.0f;
   for (int r = 0; r < p.top_k; ++r) {
-    uint32_t best_key = 0;
+    int32_t best_key = kInvalidKey;
     int best_e = 0x7fffffff;
     for (int e = lane; e < p.num_experts; e += 32) {
       bool taken = false;
       for (int q = 0; q < r; ++q) taken |= chosen_e[q] == e;
-      if (!taken && (kept >> (e / epg) & 1u) && isfinite(b[e])) {
-        const uint32_t key = ordered_key(b[e]);
+      if (!taken && (kept >> (e / epg) & 1u)) {
+        const int32_t key = selection_key(b[e]);
         if (key > best_key) {
           best_key = key;
           best_e = e;
@@ -70,18 +67,18 @@ __global__ void fused_block_kernel(const T* __restrict__ logits, const void* __r
       }
     }
     for (int offset = 16; offset > 0; offset >>= 1) {
-      const uint32_t other_key = __shfl_xor_sync(kFullMask, best_key, offset);
+      const int32_t other_key = __shfl_xor_sync(kFullMask, best_key, offset);
       const int other_e = __shfl_xor_sync(kFullMask, best_e, offset);
       if (other_key > best_key || (other_key == best_key && other_e < best_e)) {
         best_key = other_key;
         best_e = other_e;
       }
     }
-    if (best_key == 0) {
+    if (best_key == kInvalidKey) {
       fallback = true;
       best_e = -1;
     }
-    const float s = best_key ? sigmoid_rn(to_float<T>(row[best_e])) : 0.0f;
+    const float s = best_key != kInvalidKey ? sigmoid_f32(to_float<T>(row[best_e])) : 0.0f;
     sum = __fadd_rn(sum, s);
     if (lane == 0) {
       chosen_e[r] = best_e;
@@ -90,14 +87,13 @@ __global__ void fused_block_kernel(const T* __restrict__ logits, const void* __r
     __syncwarp();
   }
   const float denom = __fadd_rn(sum, 1e-20f);
-  const float fallback_w = __fdiv_rn(1.0f, static_cast<float>(p.top_k));
   if (out.scores != nullptr) {
     for (int e = lane; e < p.num_experts; e += 32) out.scores[token * p.num_experts + e] = 0.0f;
     __syncwarp();
   }
   for (int r = lane; r < p.top_k; r += 32) {
     const int id = fallback ? r : chosen_e[r];
-    const float w = fallback ? fallback_w : routed_weight(chosen_s[r], denom, p);
+    const float w = fallback ? p.fallback_weight : routed_weight(chosen_s[r], denom, p);
     out.values[token * p.top_k + r] = w;
     if (out.index64) static_cast<int64_t*>(out.indices)[token * p.top_k + r] = id;
     else static_cast<int32_t*>(out.indices)[token * p.top_k + r] = id;

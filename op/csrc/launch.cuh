@@ -3,6 +3,10 @@
 
 #include <cuda_runtime.h>
 #include <tvm/ffi/container/tensor.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
@@ -24,24 +28,79 @@ inline cudaStream_t current_stream(const TensorView& t) {
   return static_cast<cudaStream_t>(TVMFFIEnvGetStream(t.device().device_type, t.device().device_id));
 }
 
-inline int sm_count(int device) {
+// A device attribute, read once per device.
+template <cudaDeviceAttr kAttribute>
+inline int device_attribute(int device) {
   static int cached[64] = {0};
   if (device < 0 || device >= 64) device = 0;
   if (cached[device] == 0) {
-    int count = 0;
-    check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    cached[device] = count;
+    int value = 0;
+    check_cuda(cudaDeviceGetAttribute(&value, kAttribute, device), "cudaDeviceGetAttribute");
+    cached[device] = value;
   }
   return cached[device];
 }
 
-// Blocks of kWarpsPerBlock warps, each warp routing 32/lanes tokens per step, grid-strided; the grid never
-// exceeds what the device runs at once, so large batches loop instead of queueing blocks.
+inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
+// Blocks each SM must hold at once, for __launch_bounds__. With 8 experts per lane the kernels fit 80
+// registers without spilling (6 blocks, 24 warps); a tighter bound spills, and the reloads sit on the latency
+// chain of a small batch. Wider chunks need their registers.
+constexpr int min_blocks_per_sm(int vpt) { return vpt <= 8 ? 6 : 1; }
+
+// Blocks of `kernel` an SM holds at once with `smem` bytes of dynamic shared memory (its registers and shared
+// memory decide), asked of the runtime once per kernel, size and device.
+template <typename... Params>
+inline int resident_blocks(void (*kernel)(Params...), size_t smem, int device) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, size_t, int>, int> known;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem, device);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(key);
+  if (it == known.end()) {
+    int blocks = 0;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarpsPerBlock * 32, smem),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    it = known.emplace(key, blocks > 0 ? blocks : 1).first;
+  }
+  return it->second;
+}
+
+// Blocks of kWarpsPerBlock warps, each warp routing 32/lanes tokens per step, grid-strided. The grid is at
+// most what the device holds at once: a grid larger than one wave would leave its last, partial wave running
+// on a fraction of the SMs, while a resident grid keeps every warp busy to the end.
 inline int grid_blocks(int64_t num_tokens, const RoutingParams& p, int device, int blocks_per_sm) {
   const int64_t tokens_per_block = static_cast<int64_t>(kWarpsPerBlock) * (32 / p.lanes);
   const int64_t needed = (num_tokens + tokens_per_block - 1) / tokens_per_block;
   const int64_t cap = static_cast<int64_t>(sm_count(device)) * blocks_per_sm;
   return static_cast<int>(needed < cap ? (needed > 0 ? needed : 1) : cap);
+}
+
+// Launches `kernel` allowing programmatic dependent launch where the device has it (sm_90+): in a stream or
+// graph of back-to-back calls its launch overlaps the previous kernel's tail, and its griddepcontrol.wait
+// keeps the ordering every stream user relies on.
+template <typename... Params, typename... Args>
+inline void launch_dependent(const char* what, void (*kernel)(Params...), int blocks, int threads, size_t smem,
+                             cudaStream_t stream, int device, Args... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 9 ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...), what);
+}
+
+// Launches a warp-per-token routing kernel on a resident grid (see grid_blocks).
+template <typename... Params, typename... Args>
+inline void launch_routing(const char* what, void (*kernel)(Params...), int64_t rows, const RoutingParams& p,
+                           size_t smem, cudaStream_t stream, int device, Args... args) {
+  const int blocks = grid_blocks(rows, p, device, resident_blocks(kernel, smem, device));
+  launch_dependent(what, kernel, blocks, kWarpsPerBlock * 32, smem, stream, device, args...);
 }
 
 inline size_t stage_bytes(const RoutingParams& p) {

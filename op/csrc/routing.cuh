@@ -24,41 +24,51 @@ __device__ __forceinline__ float exp2_ftz(float t) {
 }
 
 // Rule 1, written with explicit round-to-nearest intrinsics so no contraction changes a bit between paths.
-// The correctly rounded reciprocal equals the IEEE quotient 1 / y at a fraction of a division's cost. The
-// exponential is the hardware one (ex2.approx of -x * log2 e): its error in s stays far below the alignment
-// standard's 8 ulp at 1.0 in b and 1e-5 relative in the weights, and every GPU path shares this function.
-__device__ __forceinline__ float sigmoid_rn(float x) {
-  return __frcp_rn(__fadd_rn(1.0f, exp2_ftz(__fmul_rn(x, -1.4426950408889634f))));
+// Both special-function steps are the hardware approximations: ex2.approx of -x * log2 e and rcp.approx of
+// 1 + e (at most 1 ulp). Their error in s, a few ulp of 2^-24, stays far below the alignment standard's 8 ulp
+// at 1.0 in b and 1e-5 relative in the weights, and every GPU path shares this function, so they stay
+// bit-identical with each other. The correctly rounded reciprocal cost seven more instructions per expert.
+__device__ __forceinline__ float rcp_approx_ftz(float y) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
 }
 
-// Keep the two largest of a stream of values; a repeated maximum fills both places.
-__device__ __forceinline__ void push_top2(float v, float& top1, float& top2) {
-  if (v > top1) {
-    top2 = top1;
-    top1 = v;
-  } else if (v > top2) {
-    top2 = v;
-  }
+__device__ __forceinline__ float sigmoid_f32(float x) {
+  return rcp_approx_ftz(__fadd_rn(1.0f, exp2_ftz(__fmul_rn(x, -1.4426950408889634f))));
 }
 
-// Merge the top-2 and valid counts of lanes `offset` apart (xor butterfly).
-__device__ __forceinline__ void merge_top2(float& top1, float& top2, int& count, int offset) {
-  const float o1 = __shfl_xor_sync(0xffffffffu, top1, offset);
-  const float o2 = __shfl_xor_sync(0xffffffffu, top2, offset);
-  count += __shfl_xor_sync(0xffffffffu, count, offset);
-  top2 = fmaxf(fminf(top1, o1), fmaxf(top2, o2));
-  top1 = fmaxf(top1, o1);
+// Selection keys: a signed, order-preserving image of b, two integer instructions per expert. Its own
+// inverse, so a key turns back into its float exactly. An invalid b (NaN) is mapped to -inf first, whose key
+// kInvalidKey is below that of every finite b; kNoKey is below every key.
+constexpr int32_t kInvalidKey = static_cast<int32_t>(0x807fffffu);
+constexpr int32_t kNoKey = static_cast<int32_t>(0x80000000u);
+
+__device__ __forceinline__ int32_t flip_order(int32_t v) { return v ^ ((v >> 31) & 0x7fffffff); }
+
+__device__ __forceinline__ int32_t selection_key(float b) {
+  return flip_order(__float_as_int(fmaxf(b, __int_as_float(0xff800000))));
 }
 
-// Rule 3's group score from a group's merged top-2 and count of valid experts.
-__device__ __forceinline__ float group_score_of(float top1, float top2, int count, int need) {
-  return count >= need ? (need == 2 ? __fadd_rn(top1, top2) : top1) : __int_as_float(0xff800000);
+// Keep the two largest keys of a stream, branch-free; a repeated maximum fills both places.
+__device__ __forceinline__ void push_top2(int32_t k, int32_t& top1, int32_t& top2) {
+  top2 = max(top2, min(top1, k));
+  top1 = max(top1, k);
 }
 
-// Order-preserving map from a finite float to uint32 (0 is reserved for "no candidate").
-__device__ __forceinline__ uint32_t ordered_key(float v) {
-  uint32_t u = __float_as_uint(__fadd_rn(v, 0.0f));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+// Merge the top-2 of lanes `offset` apart (xor butterfly over the whole warp).
+__device__ __forceinline__ void merge_top2(int32_t& top1, int32_t& top2, int offset) {
+  const int32_t o1 = __shfl_xor_sync(0xffffffffu, top1, offset);
+  const int32_t o2 = __shfl_xor_sync(0xffffffffu, top2, offset);
+  top2 = max(max(top2, o2), min(top1, o1));
+  top1 = max(top1, o1);
+}
+
+// Rule 3's group score from the group's top-2 keys: invalid experts are -inf, so a group with fewer valid
+// experts than it sums scores -inf.
+__device__ __forceinline__ float group_score_of(int32_t top1, int32_t top2, int experts_per_group) {
+  const float v1 = __int_as_float(flip_order(top1));
+  return experts_per_group >= 2 ? __fadd_rn(v1, __int_as_float(flip_order(top2))) : v1;
 }
 
 template <typename T>
@@ -70,22 +80,41 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { retu
 template <>
 __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 
-// Per-token shared memory: room for the selection candidates (64-bit order keys, then their s), then the
-// chosen s, ids and weights (top_k each). A token never has more candidates than the experts its lanes hold,
-// so narrow layouts (many tokens per warp) keep their blocks' shared memory small. An even word count keeps
-// every token's 64-bit keys 8-byte aligned.
+// Per-token shared memory, 16-byte aligned: candidate records (64-bit order key, then s, 16 bytes each), then
+// the chosen s and ids, each padded to a multiple of 4 so they are read as float4. A token never has more
+// candidates than the experts its lanes hold, so narrow layouts keep their blocks' shared memory small.
 constexpr int kCandidates = 32;
+
+__host__ __device__ inline int round_up4(int v) { return (v + 3) & ~3; }
 
 __host__ __device__ inline int candidate_slots(const RoutingParams& p) {
   return p.lanes * p.vpt < kCandidates ? p.lanes * p.vpt : kCandidates;
 }
 
 __host__ __device__ inline int stage_words(const RoutingParams& p) {
-  const int words = 3 * candidate_slots(p) + 3 * p.top_k;
-  return words + (words & 1);
+  return 4 * round_up4(candidate_slots(p)) + 2 * round_up4(p.top_k);
 }
 
 enum class Selection { kDone, kIncomplete, kTooMany };
+
+// Zero the padding after the chosen s, so their sum can be read four at a time.
+__device__ __forceinline__ void pad_chosen(float* stage_s, int top_k, int sub_lane, int lanes) {
+  for (int r = top_k + sub_lane; r < round_up4(top_k); r += lanes) stage_s[r] = 0.0f;
+}
+
+// Candidate record: the selection key above the complemented expert id, read as one signed 64-bit value, so
+// a larger record is the better expert, ties included (equal b: the lower index wins), and no two compare
+// equal; then the expert's s.
+struct alignas(16) Candidate {
+  uint32_t not_id;
+  int32_t key;
+  float s;
+  float unused;
+};
+
+__device__ __forceinline__ int64_t order_of(const Candidate& c) {
+  return static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(c.key)) << 32) | c.not_id);
+}
 
 // Select the top_k keys of a sub-warp through a threshold, writing their s and ids to the stage in output
 // order (b descending, then index ascending). Lanes' maxima taken top_k times (a repeated maximum drops every
@@ -94,58 +123,59 @@ enum class Selection { kDone, kIncomplete, kTooMany };
 // kIncomplete: fewer than top_k keys are valid (rule 7's fallback). kTooMany: more than `slots` keys pass
 // (many equal keys) and nothing was written; the caller then selects round by round.
 template <int VPT>
-__device__ __forceinline__ Selection select_by_threshold(const uint32_t (&key)[VPT], const float (&s)[VPT], int e0,
+__device__ __forceinline__ Selection select_by_threshold(const int32_t (&key)[VPT], const float (&s)[VPT], int e0,
                                                          int sub_lane, int lanes, unsigned sub_mask, int top_k,
                                                          int slots, float* stage) {
-  uint32_t lane_max = 0;
+  int32_t v = key[0];
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) lane_max = max(lane_max, key[i]);
-  uint32_t threshold = 0, v = lane_max;
-  bool exhausted = false;
+  for (int i = 1; i < VPT; ++i) v = max(v, key[i]);
+  int32_t threshold = kInvalidKey;
   for (int r = 0; r < top_k; ++r) {
-    const uint32_t m = __reduce_max_sync(sub_mask, v);
-    exhausted |= m == 0;
-    threshold = m != 0 ? m : threshold;
-    v = v == m ? 0u : v;
+    const int32_t m = __reduce_max_sync(sub_mask, v);
+    threshold = m;
+    v = v == m ? kNoKey : v;
   }
   // Fewer than top_k lanes hold a valid key: every valid key is a candidate.
-  if (exhausted) threshold = 1;
+  threshold = max(threshold, kInvalidKey + 1);
   int count = 0;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) count += key[i] >= threshold;
   const int total = static_cast<int>(__reduce_add_sync(sub_mask, static_cast<uint32_t>(count)));
   if (total < top_k) return Selection::kIncomplete;
   if (total > slots) return Selection::kTooMany;
-  int inclusive = count;
-  for (int d = 1; d < lanes; d <<= 1) {
-    const int below = __shfl_up_sync(sub_mask, inclusive, d, lanes);
-    if (sub_lane >= d) inclusive += below;
-  }
-  // Order key: the selection key above the complemented expert id, so a larger order key is the better
-  // expert, ties included (equal b: the lower index wins), and no two candidates compare equal.
-  uint64_t* order = reinterpret_cast<uint64_t*>(stage);
-  float* cand_s = stage + 2 * slots;
-  int pos = inclusive - count;
+  // Exclusive prefix of the counts over the sub-warp, one ballot per bit of a count: no chain of shuffles.
+  const unsigned below = sub_mask & ((1u << (threadIdx.x & 31)) - 1u);
+  int pos = 0;
+#pragma unroll
+  for (int bit = 0; (1 << bit) <= VPT; ++bit) pos += __popc(__ballot_sync(sub_mask, count >> bit & 1) & below) << bit;
+  Candidate* cand = reinterpret_cast<Candidate*>(stage);
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     if (key[i] >= threshold) {
-      order[pos] = (static_cast<uint64_t>(key[i]) << 32) | static_cast<uint32_t>(~(e0 + i));
-      cand_s[pos] = s[i];
+      cand[pos] = Candidate{~static_cast<uint32_t>(e0 + i), key[i], s[i], 0.0f};
       ++pos;
     }
   }
+  // Pad to a multiple of 4 records that beat nothing, so the ranking loop runs unguarded in steps of 4.
+  const int padded = round_up4(total);
+  for (int j = total + sub_lane; j < padded; j += lanes) cand[j] = Candidate{0u, kNoKey, 0.0f, 0.0f};
   __syncwarp(sub_mask);
-  float* stage_s = stage + 3 * slots;
-  int* stage_id = reinterpret_cast<int*>(stage_s + top_k);
+  float* stage_s = stage + 4 * round_up4(slots);
+  int* stage_id = reinterpret_cast<int*>(stage_s + round_up4(top_k));
   for (int j = sub_lane; j < total; j += lanes) {
-    const uint64_t mine = order[j];
+    const Candidate c = cand[j];
+    const int64_t mine = order_of(c);
     int rank = 0;
-    for (int q = 0; q < total; ++q) rank += order[q] > mine;
+    for (int q = 0; q < padded; q += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) rank += order_of(cand[q + u]) > mine;
+    }
     if (rank < top_k) {
-      stage_s[rank] = cand_s[j];
-      stage_id[rank] = static_cast<int>(~static_cast<uint32_t>(mine));
+      stage_s[rank] = c.s;
+      stage_id[rank] = static_cast<int>(~c.not_id);
     }
   }
+  pad_chosen(stage_s, top_k, sub_lane, lanes);
   return Selection::kDone;
 }
 
@@ -163,7 +193,8 @@ __device__ __forceinline__ float routed_weight(float s, float denom, const Routi
 
 // Route one token held by `p.lanes` lanes of the warp. Every lane of the warp calls this with the same
 // parameters (inactive sub-warps too, with `active` false and every b invalid), because it shuffles across
-// the whole warp. `stage` is this token's 3*top_k words of shared memory.
+// the whole warp. `b` is finite or NaN (invalid); `stage` is this token's stage_words(p) words of shared
+// memory, 16-byte aligned.
 template <int VPT>
 __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (&b)[VPT], int64_t token, bool active,
                                             const RoutingParams& p, RoutingOutputs out, float* stage) {
@@ -175,83 +206,75 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
   const unsigned sub_mask = lanes == 32 ? kFullMask : ((1u << lanes) - 1u) << sub_base;
   const float neg_inf = __int_as_float(0xff800000);
 
-  // Selection keys, 0 for "not a candidate": computed once, so each round compares integers only.
-  uint32_t key[VPT];
+  // Selection keys, computed once, so group scoring and every round compare integers only.
+  int32_t key[VPT];
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) key[i] = isfinite(b[i]) ? ordered_key(b[i]) : 0u;
+  for (int i = 0; i < VPT; ++i) key[i] = selection_key(b[i]);
 
   bool dead_group = false;
   if (p.score_groups) {
-    const int epg = p.num_experts / p.n_group;
-    const int need = epg >= 2 ? 2 : 1;
+    const int epg = p.experts_per_group;
     const int lpg = p.lanes_per_group > 0 ? p.lanes_per_group : 1;
     float group_score = neg_inf;
     if (p.lanes_per_group > 0) {
-      float top1 = neg_inf, top2 = neg_inf;
-      int count = 0;
+      int32_t top1 = kInvalidKey, top2 = kInvalidKey;
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        if (key[i]) {
-          push_top2(b[i], top1, top2);
-          ++count;
-        }
-      }
-      for (int offset = 1; offset < lpg; offset <<= 1) merge_top2(top1, top2, count, offset);
-      group_score = group_score_of(top1, top2, count, need);
+      for (int i = 0; i < VPT; ++i) push_top2(key[i], top1, top2);
+      for (int offset = 1; offset < lpg; offset <<= 1) merge_top2(top1, top2, offset);
+      group_score = group_score_of(top1, top2, epg);
     } else {
       // Generic layout (one token per warp): score group g in lane g.
       for (int g = 0; g < p.n_group; ++g) {
-        float top1 = neg_inf, top2 = neg_inf;
-        int count = 0;
+        int32_t top1 = kInvalidKey, top2 = kInvalidKey;
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          if (key[i] && (e0 + i) / epg == g) {
-            push_top2(b[i], top1, top2);
-            ++count;
-          }
-        }
-        for (int offset = 1; offset < 32; offset <<= 1) merge_top2(top1, top2, count, offset);
-        if (sub_lane == g) group_score = group_score_of(top1, top2, count, need);
+        for (int i = 0; i < VPT; ++i) push_top2((e0 + i) / epg == g ? key[i] : kInvalidKey, top1, top2);
+        for (int offset = 1; offset < 32; offset <<= 1) merge_top2(top1, top2, offset);
+        if (sub_lane == g) group_score = group_score_of(top1, top2, epg);
       }
     }
-    // Rank every group against the others: ties go to the lower group index.
-    const int my_group = sub_lane / lpg;
-    int rank = 0, finite_groups = 0;
-    for (int h = 0; h < p.n_group; ++h) {
-      const float other = __shfl_sync(kFullMask, group_score, sub_base + h * lpg);
-      finite_groups += other > neg_inf;
-      rank += (other > group_score) || (other == group_score && h < my_group);
+    // Rank every group against the others (ties go to the lower group index). The lanes of a group split
+    // the comparisons, then add their counts.
+    const int shift = __ffs(lpg) - 1;
+    const int my_group = sub_lane >> shift;
+    const int part = sub_lane & (lpg - 1);
+    int rank = 0;
+    const int per_lane = (p.n_group + lpg - 1) >> shift;
+    for (int j = 0; j < per_lane; ++j) {
+      const int h = part + (j << shift);
+      const float other = __shfl_sync(kFullMask, group_score, sub_base + (min(h, p.n_group - 1) << shift));
+      rank += h < p.n_group && ((other > group_score) || (other == group_score && h < my_group));
     }
+    for (int offset = 1; offset < lpg; offset <<= 1) rank += __shfl_xor_sync(kFullMask, rank, offset);
     // A kept group scores -inf exactly when fewer than topk_group groups are finite.
-    dead_group = finite_groups < p.topk_group;
+    const unsigned finite =
+        __ballot_sync(kFullMask, part == 0 && my_group < p.n_group && group_score > neg_inf) & sub_mask;
+    dead_group = __popc(finite) < p.topk_group;
     const bool kept = my_group < p.n_group && rank < p.topk_group;
     if (p.lanes_per_group > 0) {
       if (!kept) {
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) key[i] = 0;
+        for (int i = 0; i < VPT; ++i) key[i] = kInvalidKey;
       }
     } else {
       const uint32_t kept_groups = __ballot_sync(kFullMask, kept);
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
         const int e = e0 + i;
-        if (e < p.num_experts && !(kept_groups >> (e / epg) & 1u)) key[i] = 0;
+        if (e < p.num_experts && !(kept_groups >> (e / epg) & 1u)) key[i] = kInvalidKey;
       }
     }
   }
 
   const int slots = candidate_slots(p);
-  float* stage_s = stage + 3 * slots;
-  int* stage_id = reinterpret_cast<int*>(stage_s + p.top_k);
-  float* stage_w = stage_s + 2 * p.top_k;
-  const Selection selection =
-      select_by_threshold<VPT>(key, s, e0, sub_lane, lanes, sub_mask, p.top_k, slots, stage);
+  float* stage_s = stage + 4 * round_up4(slots);
+  int* stage_id = reinterpret_cast<int*>(stage_s + round_up4(p.top_k));
+  const Selection selection = select_by_threshold<VPT>(key, s, e0, sub_lane, lanes, sub_mask, p.top_k, slots, stage);
   bool incomplete = selection == Selection::kIncomplete;
   if (selection == Selection::kTooMany) {
     // top_k rounds of a sub-warp arg-max. The owner of each winner records its s and id in `stage` and
     // drops it from its keys; nothing else crosses lanes.
     for (int r = 0; r < p.top_k; ++r) {
-      uint32_t best_key = 0;
+      int32_t best_key = kNoKey;
       int best_i = 0;
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
@@ -260,51 +283,41 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
           best_i = i;
         }
       }
-      // Arg-max over the sub-warp in two hardware reductions: the largest key, then the lowest expert
-      // holding it (equal keys are equal b; the lower index wins).
-      const uint32_t own_key = best_key;
+      // The largest key, then the lowest expert holding it (equal keys are equal b; the lower index wins).
+      const int32_t own_key = best_key;
       best_key = __reduce_max_sync(sub_mask, own_key);
-      const int best_e = static_cast<int>(__reduce_min_sync(
-          sub_mask, own_key == best_key && best_key ? static_cast<uint32_t>(e0 + best_i) : 0x7fffffffu));
-      incomplete |= best_key == 0;
+      const int held = own_key == best_key ? e0 + best_i : 0x7fffffff;
+      const int best_e = __reduce_min_sync(sub_mask, held);
+      incomplete |= best_key <= kInvalidKey;
       const int local = best_e - e0;
-      if (best_key != 0 && local >= 0 && local < p.vpt) {
+      if (best_key > kInvalidKey && local >= 0 && local < p.vpt) {
         float chosen_s = 0.0f;
 #pragma unroll
         for (int i = 0; i < VPT; ++i) {
           if (i == local) {
             chosen_s = s[i];
-            key[i] = 0;
+            key[i] = kNoKey;
           }
         }
         stage_s[r] = chosen_s;
         stage_id[r] = best_e;
       }
     }
+    pad_chosen(stage_s, p.top_k, sub_lane, lanes);
   }
   __syncwarp();
 
   const bool fallback = dead_group || incomplete;
-  // Rule 5's sum, in output order, as every path adds it.
+  // Rule 5's sum, in output order, as every path adds it; the zero padding adds nothing.
   float sum = 0.0f;
   if (!fallback) {
-    for (int r = 0; r < p.top_k; ++r) sum = __fadd_rn(sum, stage_s[r]);
-  }
-  const float denom = __fadd_rn(sum, 1e-20f);
-  const float fallback_w = __fdiv_rn(1.0f, static_cast<float>(p.top_k));
-  for (int r = sub_lane; r < p.top_k; r += lanes) {
-    const float w = fallback ? fallback_w : routed_weight(stage_s[r], denom, p);
-    const int id = fallback ? r : stage_id[r];
-    stage_w[r] = w;
-    if (active) {
-      out.values[token * p.top_k + r] = w;
-      if (out.index64) {
-        static_cast<int64_t*>(out.indices)[token * p.top_k + r] = id;
-      } else {
-        static_cast<int32_t*>(out.indices)[token * p.top_k + r] = id;
-      }
+    const float4* chosen = reinterpret_cast<const float4*>(stage_s);
+    for (int q = 0; q < round_up4(p.top_k) / 4; ++q) {
+      const float4 c = chosen[q];
+      sum = __fadd_rn(__fadd_rn(__fadd_rn(__fadd_rn(sum, c.x), c.y), c.z), c.w);
     }
   }
+  const float denom = __fadd_rn(sum, 1e-20f);
   if (active && out.scores != nullptr) {
     // Zero this lane's slice, then the lanes that hold weights scatter them; __syncwarp orders the two.
     float* row = out.scores + token * p.num_experts;
@@ -325,11 +338,35 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
     }
   }
   __syncwarp();
-  if (active && out.scores != nullptr) {
-    float* row = out.scores + token * p.num_experts;
-    for (int r = sub_lane; r < p.top_k; r += lanes) row[fallback ? r : stage_id[r]] = stage_w[r];
+  for (int r = sub_lane; r < p.top_k; r += lanes) {
+    const float w = fallback ? p.fallback_weight : routed_weight(stage_s[r], denom, p);
+    const int id = fallback ? r : stage_id[r];
+    if (active) {
+      out.values[token * p.top_k + r] = w;
+      if (out.index64) {
+        static_cast<int64_t*>(out.indices)[token * p.top_k + r] = id;
+      } else {
+        static_cast<int32_t*>(out.indices)[token * p.top_k + r] = id;
+      }
+      if (out.scores != nullptr) out.scores[token * p.num_experts + id] = w;
+    }
   }
   __syncwarp();
+}
+
+// Programmatic dependent launch (sm_90+): wait until the previous kernel in the stream has finished and its
+// writes are visible before touching global memory, then let the next kernel start its own launch while this
+// one runs. Launched without the attribute, both are no-ops.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // Tokens this launch computes: all of them, or the first *num_tokens (CUDA-graph buckets).

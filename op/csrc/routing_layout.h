@@ -16,8 +16,10 @@ struct RoutingParams {
   int n_group;
   int topk_group;
   int top_k;
+  int experts_per_group;  // num_experts / n_group, divided once on the host
   int renormalize;
   float scale;
+  float fallback_weight;  // 1 / top_k in float32 (rule 7), divided once on the host
   // A token occupies `lanes` consecutive lanes (a power of two); lane j holds experts [j*vpt, (j+1)*vpt).
   int lanes;
   int vpt;
@@ -45,8 +47,10 @@ inline RoutingParams make_params(int num_experts, int n_group, int topk_group, i
   p.n_group = n_group;
   p.topk_group = topk_group;
   p.top_k = top_k;
+  p.experts_per_group = num_experts / n_group;
   p.renormalize = renormalize ? 1 : 0;
   p.scale = scale;
+  p.fallback_weight = 1.0f / static_cast<float>(top_k);
   p.score_groups = topk_group < n_group ? 1 : 0;
   const int epg = num_experts / n_group;
   if (p.score_groups) {

@@ -11,6 +11,8 @@ __global__ void __launch_bounds__(256)
     cast_sigmoid_bias_kernel(const T* __restrict__ logits, const B* __restrict__ bias, float* __restrict__ scores,
                              float* __restrict__ biased, const int32_t* __restrict__ num_tokens_ptr,
                              int64_t num_tokens, int num_experts, int vec) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const int64_t total = effective_tokens(num_tokens, num_tokens_ptr) * num_experts;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   if (vec) {
@@ -20,7 +22,7 @@ __global__ void __launch_bounds__(256)
       float s[4], b[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        s[j] = sigmoid_rn(to_float<T>(logits[i + j]));
+        s[j] = sigmoid_f32(to_float<T>(logits[i + j]));
         b[j] = __fadd_rn(s[j], to_float<B>(bias[e + j]));
       }
       *reinterpret_cast<float4*>(scores + i) = make_float4(s[0], s[1], s[2], s[3]);
@@ -28,7 +30,7 @@ __global__ void __launch_bounds__(256)
     }
   } else {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-      const float s = sigmoid_rn(to_float<T>(logits[i]));
+      const float s = sigmoid_f32(to_float<T>(logits[i]));
       scores[i] = s;
       biased[i] = __fadd_rn(s, to_float<B>(bias[i % num_experts]));
     }
@@ -36,10 +38,12 @@ __global__ void __launch_bounds__(256)
 }
 
 template <int VPT>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
     noaux_tc_kernel(float* scores, const float* __restrict__ biased, RoutingOutputs out,
                     const int32_t* __restrict__ num_tokens_ptr, int64_t num_tokens, RoutingParams p, int vec) {
-  extern __shared__ float stage_all[];
+  extern __shared__ __align__(16) float stage_all[];
+  wait_for_previous_grid();
+  allow_next_grid();
   const int64_t tokens = effective_tokens(num_tokens, num_tokens_ptr);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -74,9 +78,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         }
       }
     }
+    // route_token tells only finite from NaN: a caller's infinite b is invalid too (rule 2).
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      if (i >= p.vpt || e0 + i >= p.num_experts) b[i] = nan;
+      if (i >= p.vpt || e0 + i >= p.num_experts || !isfinite(b[i])) b[i] = nan;
     }
     route_token<VPT>(s, b, token, active, p, out, stage);
   }
@@ -109,10 +114,10 @@ void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, Te
   auto launch = [&](auto* typed_logits, auto* typed_bias) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(typed_logits)>>;
     using B = std::remove_const_t<std::remove_pointer_t<decltype(typed_bias)>>;
-    cast_sigmoid_bias_kernel<T, B><<<blocks, 256, 0, stream>>>(
-        static_cast<const T*>(logits.data_ptr()), static_cast<const B*>(bias.data_ptr()),
-        static_cast<float*>(scores.data_ptr()), static_cast<float*>(biased.data_ptr()), n_ptr, rows,
-        static_cast<int>(experts), vec);
+    launch_dependent("cast_sigmoid_bias launch", cast_sigmoid_bias_kernel<T, B>, blocks, 256, 0, stream, logits.device().device_id,
+                     static_cast<const T*>(logits.data_ptr()), static_cast<const B*>(bias.data_ptr()),
+                     static_cast<float*>(scores.data_ptr()), static_cast<float*>(biased.data_ptr()), n_ptr, rows,
+                     static_cast<int>(experts), vec);
   };
   auto with_bias = [&](auto* typed_logits) {
     if (bkind == FloatKind::kFloat32) launch(typed_logits, static_cast<const float*>(nullptr));
@@ -122,7 +127,6 @@ void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, Te
   if (kind == FloatKind::kFloat32) with_bias(static_cast<const float*>(nullptr));
   else if (kind == FloatKind::kBFloat16) with_bias(static_cast<const __nv_bfloat16*>(nullptr));
   else with_bias(static_cast<const __half*>(nullptr));
-  check_cuda(cudaGetLastError(), "cast_sigmoid_bias launch");
 }
 
 void noaux_tc(TensorView scores, TensorView biased, TensorView values, TensorView indices,
@@ -145,15 +149,13 @@ void noaux_tc(TensorView scores, TensorView biased, TensorView values, TensorVie
                   reinterpret_cast<uintptr_t>(biased.data_ptr()) % 16 == 0;
   RoutingOutputs out{static_cast<float*>(scores.data_ptr()), static_cast<float*>(values.data_ptr()),
                      indices.data_ptr(), index64 ? 1 : 0};
-  const int blocks = grid_blocks(rows, p, scores.device().device_id, 16);
   cudaStream_t stream = current_stream(scores);
   dispatch_vpt(p.vpt, [&](auto cap) {
     constexpr int VPT = decltype(cap)::value;
-    noaux_tc_kernel<VPT><<<blocks, kWarpsPerBlock * 32, stage_bytes(p), stream>>>(
-        static_cast<float*>(scores.data_ptr()), static_cast<const float*>(biased.data_ptr()), out, n_ptr, rows, p,
-        vec);
+    launch_routing("noaux_tc launch", noaux_tc_kernel<VPT>, rows, p, stage_bytes(p), stream,
+                   scores.device().device_id, static_cast<float*>(scores.data_ptr()),
+                   static_cast<const float*>(biased.data_ptr()), out, n_ptr, rows, p, vec);
   });
-  check_cuda(cudaGetLastError(), "noaux_tc launch");
 }
 
 }  // namespace fusedgate
