@@ -92,19 +92,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
   wait_for_previous_grid();
   allow_next_grid();
   const int64_t tokens = effective_tokens(num_tokens, num_tokens_ptr);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int tokens_per_warp = 32 / p.lanes;
-  const int sub = lane / p.lanes;
-  const int e0 = (lane & (p.lanes - 1)) * p.vpt;
-  float* stage = stage_all + (warp * tokens_per_warp + sub) * stage_words(p);
-
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock * tokens_per_warp;
-  int64_t base = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * tokens_per_warp;
+  const TokenWalk walk = token_walk(p, stage_all);
+  const int e0 = walk.e0;
   // The first row's loads go out before the bias's, so the two memory round trips overlap.
   RawChunk<T, VPT> chunk;
-  load_row<T, VPT>(logits + (base + sub < tokens ? base + sub : 0) * p.num_experts, base + sub < tokens, e0, vec, p,
-                   chunk);
+  const int64_t first = walk.base + walk.sub;
+  load_row<T, VPT>(logits + (first < tokens ? first : 0) * p.num_experts, first < tokens, e0, vec, p, chunk);
   for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
     const float v = bias_kind == 0   ? load_bias<float>(bias, e)
                     : bias_kind == 1 ? load_bias<__nv_bfloat16>(bias, e)
@@ -116,11 +109,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
   // more live registers cause.
   const bool bias_vec = p.vpt % 4 == 0 && p.num_experts % 4 == 0;
 
-  for (; base < tokens; base += step) {
-    const int64_t token = base + sub;
+  for (int64_t base = walk.base; base < tokens; base += walk.step) {
+    const int64_t token = base + walk.sub;
     const bool active = token < tokens;
     // Prefetch the next row this sub-warp routes, so its loads are in flight while this one is routed.
-    const int64_t next = token + step;
+    const int64_t next = token + walk.step;
     RawChunk<T, VPT> next_chunk;
     load_row<T, VPT>(logits + (next < tokens ? next : 0) * p.num_experts, next < tokens, e0, vec, p, next_chunk);
     float bias_r[VPT];
@@ -132,7 +125,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
         bias_r[i] = v.x, bias_r[i + 1] = v.y, bias_r[i + 2] = v.z, bias_r[i + 3] = v.w;
       } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) bias_r[i + j] = i + j < p.vpt && e0 + i + j < p.num_experts ? bias_s[e0 + i + j] : 0.0f;
+        for (int j = 0; j < 4; ++j) {
+          bias_r[i + j] = i + j < p.vpt && e0 + i + j < p.num_experts ? bias_s[e0 + i + j] : 0.0f;
+        }
       }
     }
     float s[VPT], b[VPT];
@@ -141,7 +136,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
       s[i] = sigmoid_f32(to_float<T>(reinterpret_cast<const T*>(chunk.word)[i]));
       b[i] = __fadd_rn(s[i], bias_r[i]);
     }
-    route_token<VPT>(s, b, token, active, p, out, stage);
+    route_token<VPT>(s, b, token, active, p, out, walk.stage);
     chunk = next_chunk;
   }
 }
@@ -149,16 +144,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
 void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> scores, TensorView values,
                         TensorView indices, Optional<TensorView> num_tokens, int64_t n_group, int64_t topk_group,
                         int64_t top_k, bool renormalize, double scale) {
-  if (logits.ndim() != 2) TVM_FFI_THROW(ValueError) << "gating_output must be 2-D [num_tokens, num_experts]";
-  const int64_t rows = logits.size(0), experts = logits.size(1);
-  check_routing_args(experts, n_group, topk_group, top_k);
-  const FloatKind kind = float_kind(logits, "gating_output");
-  if (!logits.IsContiguous()) TVM_FFI_THROW(ValueError) << "gating_output must be contiguous";
-  if (logits.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << "gating_output must be a CUDA tensor";
-  check_bias(bias, experts, logits);
-  const TensorView* scores_ptr = scores.has_value() ? &scores.value() : nullptr;
-  const bool index64 = check_outputs(scores_ptr, values, indices, rows, experts, top_k, logits);
-  const int32_t* n_ptr = num_tokens_pointer(num_tokens, logits);
+  const FusedCall call =
+      check_fused_call(logits, bias, scores, values, indices, num_tokens, n_group, topk_group, top_k);
+  const int64_t rows = call.rows, experts = call.experts;
+  const FloatKind kind = call.kind;
   if (rows == 0) return;
 
   const int elem = kind == FloatKind::kFloat32 ? 4 : 2;
@@ -172,10 +161,6 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
       break;
     }
   }
-  const FloatKind bkind = float_kind(bias, "e_score_correction_bias");
-  const int bias_kind = bkind == FloatKind::kFloat32 ? 0 : bkind == FloatKind::kBFloat16 ? 1 : 2;
-  RoutingOutputs out{scores_ptr ? static_cast<float*>(scores_ptr->data_ptr()) : nullptr,
-                     static_cast<float*>(values.data_ptr()), indices.data_ptr(), index64 ? 1 : 0};
   const int device = logits.device().device_id;
   const size_t smem = round_up4(static_cast<int>(experts)) * sizeof(float) + stage_bytes(p);
   cudaStream_t stream = current_stream(logits);
@@ -184,7 +169,8 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     auto launch = [&](auto* typed) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
       launch_routing("fused_grouped_topk launch", fused_grouped_topk_kernel<T, VPT>, rows, p, smem, stream, device,
-                     static_cast<const T*>(logits.data_ptr()), bias.data_ptr(), bias_kind, out, n_ptr, rows, p, vec);
+                     static_cast<const T*>(logits.data_ptr()), bias.data_ptr(), call.bias_kind, call.out,
+                     call.num_tokens, rows, p, vec);
     };
     if (kind == FloatKind::kFloat32) launch(static_cast<const float*>(nullptr));
     else if (kind == FloatKind::kBFloat16) launch(static_cast<const __nv_bfloat16*>(nullptr));

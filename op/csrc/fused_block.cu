@@ -104,36 +104,29 @@ __global__ void fused_block_kernel(const T* __restrict__ logits, const void* __r
 void fused_block_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> scores, TensorView values,
                               TensorView indices, Optional<TensorView> num_tokens, int64_t n_group,
                               int64_t topk_group, int64_t top_k, bool renormalize, double scale) {
-  if (logits.ndim() != 2) TVM_FFI_THROW(ValueError) << "gating_output must be 2-D [num_tokens, num_experts]";
-  const int64_t rows = logits.size(0), experts = logits.size(1);
-  check_routing_args(experts, n_group, topk_group, top_k);
-  const FloatKind kind = float_kind(logits, "gating_output");
-  if (!logits.IsContiguous()) TVM_FFI_THROW(ValueError) << "gating_output must be contiguous";
-  if (logits.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << "gating_output must be a CUDA tensor";
-  check_bias(bias, experts, logits);
-  const TensorView* scores_ptr = scores.has_value() ? &scores.value() : nullptr;
-  const bool index64 = check_outputs(scores_ptr, values, indices, rows, experts, top_k, logits);
-  const int32_t* n_ptr = num_tokens_pointer(num_tokens, logits);
+  const FusedCall call =
+      check_fused_call(logits, bias, scores, values, indices, num_tokens, n_group, topk_group, top_k);
+  const int64_t rows = call.rows, experts = call.experts;
+  const FloatKind kind = call.kind;
   if (rows == 0) return;
   if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << "fused_block launches one block per token: at most 2^31-1";
   RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
                                 static_cast<int>(top_k), renormalize, static_cast<float>(scale), 1);
-  const FloatKind bkind = float_kind(bias, "e_score_correction_bias");
-  const int bias_kind = bkind == FloatKind::kFloat32 ? 0 : bkind == FloatKind::kBFloat16 ? 1 : 2;
-  RoutingOutputs out{scores_ptr ? static_cast<float*>(scores_ptr->data_ptr()) : nullptr,
-                     static_cast<float*>(values.data_ptr()), indices.data_ptr(), index64 ? 1 : 0};
   const size_t smem = (experts + n_group + 2 * top_k) * sizeof(float);
   cudaStream_t stream = current_stream(logits);
   const dim3 grid(static_cast<unsigned>(rows)), block(static_cast<unsigned>(n_group * 32));
   if (kind == FloatKind::kFloat32)
     fused_block_kernel<float><<<grid, block, smem, stream>>>(static_cast<const float*>(logits.data_ptr()),
-                                                             bias.data_ptr(), bias_kind, out, n_ptr, rows, p);
+                                                             bias.data_ptr(), call.bias_kind, call.out,
+                                                             call.num_tokens, rows, p);
   else if (kind == FloatKind::kBFloat16)
     fused_block_kernel<__nv_bfloat16><<<grid, block, smem, stream>>>(
-        static_cast<const __nv_bfloat16*>(logits.data_ptr()), bias.data_ptr(), bias_kind, out, n_ptr, rows, p);
+        static_cast<const __nv_bfloat16*>(logits.data_ptr()), bias.data_ptr(), call.bias_kind, call.out,
+        call.num_tokens, rows, p);
   else
     fused_block_kernel<__half><<<grid, block, smem, stream>>>(static_cast<const __half*>(logits.data_ptr()),
-                                                              bias.data_ptr(), bias_kind, out, n_ptr, rows, p);
+                                                              bias.data_ptr(), call.bias_kind, call.out,
+                                                              call.num_tokens, rows, p);
   check_cuda(cudaGetLastError(), "fused_block_grouped_topk launch");
 }
 

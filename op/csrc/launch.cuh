@@ -114,6 +114,40 @@ inline const int32_t* num_tokens_pointer(const Optional<TensorView>& num_tokens,
   return static_cast<const int32_t*>(n.data_ptr());
 }
 
+// A checked call of a fused entry point (`fused`, `fused_block`): gating_output [T, E] on the GPU, its bias,
+// the outputs and the optional device token count, each refused with the argument's name.
+struct FusedCall {
+  int64_t rows;
+  int64_t experts;
+  FloatKind kind;
+  int bias_kind;  // 0 float32, 1 bfloat16, 2 float16
+  RoutingOutputs out;
+  const int32_t* num_tokens;
+};
+
+inline FusedCall check_fused_call(const TensorView& logits, const TensorView& bias, const Optional<TensorView>& scores,
+                                  const TensorView& values, const TensorView& indices,
+                                  const Optional<TensorView>& num_tokens, int64_t n_group, int64_t topk_group,
+                                  int64_t top_k) {
+  if (logits.ndim() != 2) TVM_FFI_THROW(ValueError) << "gating_output must be 2-D [num_tokens, num_experts]";
+  FusedCall call{};
+  call.rows = logits.size(0);
+  call.experts = logits.size(1);
+  check_routing_args(call.experts, n_group, topk_group, top_k);
+  call.kind = float_kind(logits, "gating_output");
+  if (!logits.IsContiguous()) TVM_FFI_THROW(ValueError) << "gating_output must be contiguous";
+  if (logits.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << "gating_output must be a CUDA tensor";
+  check_bias(bias, call.experts, logits);
+  const FloatKind bias_kind = float_kind(bias, "e_score_correction_bias");
+  call.bias_kind = bias_kind == FloatKind::kFloat32 ? 0 : bias_kind == FloatKind::kBFloat16 ? 1 : 2;
+  const TensorView* scores_ptr = scores.has_value() ? &scores.value() : nullptr;
+  const bool index64 = check_outputs(scores_ptr, values, indices, call.rows, call.experts, top_k, logits);
+  call.out = RoutingOutputs{scores_ptr ? static_cast<float*>(scores_ptr->data_ptr()) : nullptr,
+                            static_cast<float*>(values.data_ptr()), indices.data_ptr(), index64 ? 1 : 0};
+  call.num_tokens = num_tokens_pointer(num_tokens, logits);
+  return call;
+}
+
 // Calls f with the compile-time experts-per-lane capacity that covers p.vpt.
 template <typename F>
 inline void dispatch_vpt(int vpt, F&& f) {

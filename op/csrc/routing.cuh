@@ -369,6 +369,31 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
+// A lane's place in the grid-strided walk over tokens of the warp-per-token kernels: each step its warp
+// routes the tokens from `base` on, this lane's token is base + sub, its experts start at e0, and `stage` is
+// that token's shared memory. The walk advances by whole warps, so every sub-warp of a warp steps together
+// (route_token shuffles across the warp).
+struct TokenWalk {
+  int64_t base;
+  int64_t step;
+  int sub;
+  int e0;
+  float* stage;
+};
+
+__device__ __forceinline__ TokenWalk token_walk(const RoutingParams& p, float* stage_all) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int tokens_per_warp = 32 / p.lanes;
+  TokenWalk walk;
+  walk.sub = lane / p.lanes;
+  walk.e0 = (lane & (p.lanes - 1)) * p.vpt;
+  walk.stage = stage_all + (warp * tokens_per_warp + walk.sub) * stage_words(p);
+  walk.step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock * tokens_per_warp;
+  walk.base = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * tokens_per_warp;
+  return walk;
+}
+
 // Tokens this launch computes: all of them, or the first *num_tokens (CUDA-graph buckets).
 __device__ __forceinline__ int64_t effective_tokens(int64_t num_tokens, const int32_t* num_tokens_ptr) {
   if (num_tokens_ptr == nullptr) return num_tokens;

@@ -45,18 +45,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
   wait_for_previous_grid();
   allow_next_grid();
   const int64_t tokens = effective_tokens(num_tokens, num_tokens_ptr);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int tokens_per_warp = 32 / p.lanes;
-  const int sub = lane / p.lanes;
-  const int e0 = (lane & (p.lanes - 1)) * p.vpt;
-  float* stage = stage_all + (warp * tokens_per_warp + sub) * stage_words(p);
+  const TokenWalk walk = token_walk(p, stage_all);
+  const int e0 = walk.e0;
   const float nan = __int_as_float(0x7fc00000);
 
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * tokens_per_warp; base < tokens;
-       base += warps * tokens_per_warp) {
-    const int64_t token = base + sub;
+  for (int64_t base = walk.base; base < tokens; base += walk.step) {
+    const int64_t token = base + walk.sub;
     const bool active = token < tokens;
     const float* s_row = scores + (active ? token : 0) * p.num_experts;
     const float* b_row = biased + (active ? token : 0) * p.num_experts;
@@ -83,7 +77,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
     for (int i = 0; i < VPT; ++i) {
       if (i >= p.vpt || e0 + i >= p.num_experts || !isfinite(b[i])) b[i] = nan;
     }
-    route_token<VPT>(s, b, token, active, p, out, stage);
+    route_token<VPT>(s, b, token, active, p, out, walk.stage);
   }
 }
 
@@ -114,10 +108,10 @@ void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, Te
   auto launch = [&](auto* typed_logits, auto* typed_bias) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(typed_logits)>>;
     using B = std::remove_const_t<std::remove_pointer_t<decltype(typed_bias)>>;
-    launch_dependent("cast_sigmoid_bias launch", cast_sigmoid_bias_kernel<T, B>, blocks, 256, 0, stream, logits.device().device_id,
-                     static_cast<const T*>(logits.data_ptr()), static_cast<const B*>(bias.data_ptr()),
-                     static_cast<float*>(scores.data_ptr()), static_cast<float*>(biased.data_ptr()), n_ptr, rows,
-                     static_cast<int>(experts), vec);
+    launch_dependent("cast_sigmoid_bias launch", cast_sigmoid_bias_kernel<T, B>, blocks, 256, 0, stream,
+                     logits.device().device_id, static_cast<const T*>(logits.data_ptr()),
+                     static_cast<const B*>(bias.data_ptr()), static_cast<float*>(scores.data_ptr()),
+                     static_cast<float*>(biased.data_ptr()), n_ptr, rows, static_cast<int>(experts), vec);
   };
   auto with_bias = [&](auto* typed_logits) {
     if (bkind == FloatKind::kFloat32) launch(typed_logits, static_cast<const float*>(nullptr));
