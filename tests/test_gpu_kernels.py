@@ -98,6 +98,19 @@ def test_bias_in_each_float_dtype(bias_dtype, seed):
     assert_routing_close(results["fused"], x, bias, config)
 
 
+def test_subnormal_scores_keep_their_weights(seed):
+    # Logits in [-88.5, -87.5]: every s is subnormal (below 2^-126) while 1 + exp(-x) stays finite, so the
+    # weights s / (sum + 1e-20) are about 1e-19 and a reciprocal that flushes subnormal results zeroes them.
+    config = PRESETS["deepseek_v3"]
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-88.5, -87.5, size=(300, config.num_experts)).astype(np.float32)
+    bias = (rng.standard_normal(config.num_experts) * 0.1).astype(np.float32)
+    results = run_all_paths(config, to_device(x), to_device(bias), seed)
+    assert_bit_identical(results)
+    assert (results["fused"][1] > 0).all()
+    assert_routing_close(results["fused"], x, bias, config)
+
+
 def test_offset_view_uses_the_narrow_load_path(seed):
     config = PRESETS["glm45_air"]
     x, bias = generate_input(config, 65, "bfloat16", seed)

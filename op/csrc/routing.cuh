@@ -28,6 +28,9 @@ __device__ __forceinline__ float exp2_ftz(float t) {
 // 1 + e (at most 1 ulp). Their error in s, a few ulp of 2^-24, stays far below the alignment standard's 8 ulp
 // at 1.0 in b and 1e-5 relative in the weights, and every GPU path shares this function, so they stay
 // bit-identical with each other. The correctly rounded reciprocal cost seven more instructions per expert.
+// rcp.approx.ftz flushes results below 2^-126, which 1 + e above 2^126 (x below about -87.3) would give, so
+// the reciprocal is taken of (1 + e) / 4, below 2^126 until 1 + e overflows as the reference's does, and
+// scaled back: s keeps its subnormal values, and elsewhere both scalings by 4 are exact.
 __device__ __forceinline__ float rcp_approx_ftz(float y) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
@@ -35,7 +38,8 @@ __device__ __forceinline__ float rcp_approx_ftz(float y) {
 }
 
 __device__ __forceinline__ float sigmoid_f32(float x) {
-  return rcp_approx_ftz(__fadd_rn(1.0f, exp2_ftz(__fmul_rn(x, -1.4426950408889634f))));
+  const float e = exp2_ftz(__fmul_rn(x, -1.4426950408889634f));
+  return __fmul_rn(rcp_approx_ftz(__fmaf_rn(e, 0.25f, 0.25f)), 0.25f);
 }
 
 // Selection keys: a signed, order-preserving image of b, two integer instructions per expert. Its own
