@@ -3,7 +3,7 @@
 The build is cached under ``$FUSEDGATE_CACHE`` (default ``~/.cache/fusedgate``) in a folder keyed by the
 sources' hash, the target architectures and the toolkit version, behind a file lock so parallel test workers
 build once. Architectures: ``$FUSEDGATE_CUDA_ARCHS`` where set, else the visible GPU's, else ``80;90a``. Without
-``nvcc`` only the C++ CPU kernel is built. ``python -m op.build`` builds ahead of time and prints each
+``nvcc``, or with ``FUSEDGATE_CUDA_ARCHS=none``, only the C++ CPU kernel is built. ``python -m op.build`` builds ahead of time and prints each
 kernel's registers, spills and shared memory.
 """
 
@@ -28,6 +28,10 @@ CXX_FLAGS = ("-O3", "-ffp-contract=off")
 
 
 def _nvcc() -> str | None:
+    # ``FUSEDGATE_CUDA_ARCHS=none`` builds the CPU kernel alone on a machine that has nvcc (a quick build for
+    # work that touches no CUDA code).
+    if os.environ.get("FUSEDGATE_CUDA_ARCHS", "").strip().lower() == "none":
+        return None
     found = shutil.which("nvcc")
     if found is None and os.environ.get("CUDA_HOME"):
         candidate = Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"
