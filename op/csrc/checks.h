@@ -49,6 +49,10 @@ inline void check_routing_args(int64_t num_experts, int64_t n_group, int64_t top
     TVM_FFI_THROW(ValueError) << "top_k=" << top_k << " is out of range: allowed 1 <= top_k <= " << limit;
 }
 
+// A tensor's first element. DLPack lets a producer keep a byte offset beside the base pointer, and `data_ptr()`
+// does not add it; every pointer the kernels receive comes through here.
+inline void* data_of(const tvm::ffi::TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
+
 inline bool same_device(const tvm::ffi::TensorView& a, const tvm::ffi::TensorView& b) {
   return a.device().device_type == b.device().device_type && a.device().device_id == b.device().device_id;
 }

@@ -74,13 +74,13 @@ void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> s
   std::vector<float> bias_f(E), s(E), b(E), group_score(G);
   std::vector<int> candidates, group_order(G);
   std::vector<char> kept(G);
-  for (int e = 0; e < E; ++e) bias_f[e] = read_float(bias.data_ptr(), bias_kind, e);
-  float* values_out = static_cast<float*>(values.data_ptr());
-  float* scores_out = scores_ptr ? static_cast<float*>(scores_ptr->data_ptr()) : nullptr;
+  for (int e = 0; e < E; ++e) bias_f[e] = read_float(data_of(bias), bias_kind, e);
+  float* values_out = static_cast<float*>(data_of(values));
+  float* scores_out = scores_ptr ? static_cast<float*>(data_of(*scores_ptr)) : nullptr;
 
   for (int64_t t = 0; t < rows; ++t) {
     for (int e = 0; e < E; ++e) {
-      const float x = read_float(logits.data_ptr(), kind, t * E + e);
+      const float x = read_float(data_of(logits), kind, t * E + e);
       s[e] = 1.0f / (1.0f + std::exp(-x));
       b[e] = s[e] + bias_f[e];
     }
@@ -135,8 +135,8 @@ void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> s
       for (int r = 0; r < K; ++r) out_w[r] = (renormalize ? s[ids[r]] / denom : s[ids[r]]) * scale_f;
     }
     for (int r = 0; r < K; ++r) {
-      if (index64) static_cast<int64_t*>(indices.data_ptr())[t * K + r] = ids[r];
-      else static_cast<int32_t*>(indices.data_ptr())[t * K + r] = ids[r];
+      if (index64) static_cast<int64_t*>(data_of(indices))[t * K + r] = ids[r];
+      else static_cast<int32_t*>(data_of(indices))[t * K + r] = ids[r];
     }
     if (scores_out != nullptr) {
       float* row = scores_out + t * E;

@@ -156,7 +156,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
   int vec = elem;
   for (int bytes : {16, 8, 4}) {
     if (bytes > elem && (p.vpt * elem) % bytes == 0 && (experts * elem) % bytes == 0 &&
-        reinterpret_cast<uintptr_t>(logits.data_ptr()) % bytes == 0) {
+        reinterpret_cast<uintptr_t>(data_of(logits)) % bytes == 0) {
       vec = bytes;
       break;
     }
@@ -169,7 +169,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     auto launch = [&](auto* typed) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
       launch_routing("fused_grouped_topk launch", fused_grouped_topk_kernel<T, VPT>, rows, p, smem, stream, device,
-                     static_cast<const T*>(logits.data_ptr()), bias.data_ptr(), call.bias_kind, call.out,
+                     static_cast<const T*>(data_of(logits)), data_of(bias), call.bias_kind, call.out,
                      call.num_tokens, rows, p, vec);
     };
     if (kind == FloatKind::kFloat32) launch(static_cast<const float*>(nullptr));

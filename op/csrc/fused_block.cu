@@ -116,16 +116,16 @@ void fused_block_grouped_topk(TensorView logits, TensorView bias, Optional<Tenso
   cudaStream_t stream = current_stream(logits);
   const dim3 grid(static_cast<unsigned>(rows)), block(static_cast<unsigned>(n_group * 32));
   if (kind == FloatKind::kFloat32)
-    fused_block_kernel<float><<<grid, block, smem, stream>>>(static_cast<const float*>(logits.data_ptr()),
-                                                             bias.data_ptr(), call.bias_kind, call.out,
+    fused_block_kernel<float><<<grid, block, smem, stream>>>(static_cast<const float*>(data_of(logits)),
+                                                             data_of(bias), call.bias_kind, call.out,
                                                              call.num_tokens, rows, p);
   else if (kind == FloatKind::kBFloat16)
     fused_block_kernel<__nv_bfloat16><<<grid, block, smem, stream>>>(
-        static_cast<const __nv_bfloat16*>(logits.data_ptr()), bias.data_ptr(), call.bias_kind, call.out,
+        static_cast<const __nv_bfloat16*>(data_of(logits)), data_of(bias), call.bias_kind, call.out,
         call.num_tokens, rows, p);
   else
-    fused_block_kernel<__half><<<grid, block, smem, stream>>>(static_cast<const __half*>(logits.data_ptr()),
-                                                              bias.data_ptr(), call.bias_kind, call.out,
+    fused_block_kernel<__half><<<grid, block, smem, stream>>>(static_cast<const __half*>(data_of(logits)),
+                                                              data_of(bias), call.bias_kind, call.out,
                                                               call.num_tokens, rows, p);
   check_cuda(cudaGetLastError(), "fused_block_grouped_topk launch");
 }

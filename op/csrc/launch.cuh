@@ -111,7 +111,7 @@ inline const int32_t* num_tokens_pointer(const Optional<TensorView>& num_tokens,
   if (!num_tokens.has_value()) return nullptr;
   const TensorView& n = num_tokens.value();
   check_scalar_int32(n, "num_tokens", like);
-  return static_cast<const int32_t*>(n.data_ptr());
+  return static_cast<const int32_t*>(data_of(n));
 }
 
 // A checked call of a fused entry point (`fused`, `fused_block`): gating_output [T, E] on the GPU, its bias,
@@ -142,8 +142,8 @@ inline FusedCall check_fused_call(const TensorView& logits, const TensorView& bi
   call.bias_kind = bias_kind == FloatKind::kFloat32 ? 0 : bias_kind == FloatKind::kBFloat16 ? 1 : 2;
   const TensorView* scores_ptr = scores.has_value() ? &scores.value() : nullptr;
   const bool index64 = check_outputs(scores_ptr, values, indices, call.rows, call.experts, top_k, logits);
-  call.out = RoutingOutputs{scores_ptr ? static_cast<float*>(scores_ptr->data_ptr()) : nullptr,
-                            static_cast<float*>(values.data_ptr()), indices.data_ptr(), index64 ? 1 : 0};
+  call.out = RoutingOutputs{scores_ptr ? static_cast<float*>(data_of(*scores_ptr)) : nullptr,
+                            static_cast<float*>(data_of(values)), data_of(indices), index64 ? 1 : 0};
   call.num_tokens = num_tokens_pointer(num_tokens, logits);
   return call;
 }

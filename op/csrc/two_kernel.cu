@@ -98,8 +98,8 @@ void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, Te
   check_dtype(biased, "scores_with_bias", kDLFloat, 32);
   const int32_t* n_ptr = num_tokens_pointer(num_tokens, logits);
   if (rows == 0) return;
-  const int vec = experts % 4 == 0 && reinterpret_cast<uintptr_t>(scores.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(biased.data_ptr()) % 16 == 0;
+  const int vec = experts % 4 == 0 && reinterpret_cast<uintptr_t>(data_of(scores)) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(data_of(biased)) % 16 == 0;
   const int64_t work = (rows * experts + (vec ? 3 : 0)) / (vec ? 4 : 1);
   const int64_t cap = static_cast<int64_t>(sm_count(logits.device().device_id)) * 8;
   const int blocks = static_cast<int>(std::min<int64_t>(std::max<int64_t>((work + 255) / 256, 1), cap));
@@ -109,9 +109,9 @@ void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, Te
     using T = std::remove_const_t<std::remove_pointer_t<decltype(typed_logits)>>;
     using B = std::remove_const_t<std::remove_pointer_t<decltype(typed_bias)>>;
     launch_dependent("cast_sigmoid_bias launch", cast_sigmoid_bias_kernel<T, B>, blocks, 256, 0, stream,
-                     logits.device().device_id, static_cast<const T*>(logits.data_ptr()),
-                     static_cast<const B*>(bias.data_ptr()), static_cast<float*>(scores.data_ptr()),
-                     static_cast<float*>(biased.data_ptr()), n_ptr, rows, static_cast<int>(experts), vec);
+                     logits.device().device_id, static_cast<const T*>(data_of(logits)),
+                     static_cast<const B*>(data_of(bias)), static_cast<float*>(data_of(scores)),
+                     static_cast<float*>(data_of(biased)), n_ptr, rows, static_cast<int>(experts), vec);
   };
   auto with_bias = [&](auto* typed_logits) {
     if (bkind == FloatKind::kFloat32) launch(typed_logits, static_cast<const float*>(nullptr));
@@ -139,16 +139,16 @@ void noaux_tc(TensorView scores, TensorView biased, TensorView values, TensorVie
   if (rows == 0) return;
   RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
                                 static_cast<int>(top_k), renormalize, static_cast<float>(scale), 4);
-  const int vec = p.vpt % 4 == 0 && experts % 4 == 0 && reinterpret_cast<uintptr_t>(scores.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(biased.data_ptr()) % 16 == 0;
-  RoutingOutputs out{static_cast<float*>(scores.data_ptr()), static_cast<float*>(values.data_ptr()),
-                     indices.data_ptr(), index64 ? 1 : 0};
+  const int vec = p.vpt % 4 == 0 && experts % 4 == 0 && reinterpret_cast<uintptr_t>(data_of(scores)) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(data_of(biased)) % 16 == 0;
+  RoutingOutputs out{static_cast<float*>(data_of(scores)), static_cast<float*>(data_of(values)),
+                     data_of(indices), index64 ? 1 : 0};
   cudaStream_t stream = current_stream(scores);
   dispatch_vpt(p.vpt, [&](auto cap) {
     constexpr int VPT = decltype(cap)::value;
     launch_routing("noaux_tc launch", noaux_tc_kernel<VPT>, rows, p, stage_bytes(p), stream,
-                   scores.device().device_id, static_cast<float*>(scores.data_ptr()),
-                   static_cast<const float*>(biased.data_ptr()), out, n_ptr, rows, p, vec);
+                   scores.device().device_id, static_cast<float*>(data_of(scores)),
+                   static_cast<const float*>(data_of(biased)), out, n_ptr, rows, p, vec);
   });
 }
 
