@@ -24,14 +24,10 @@ __global__ void fused_block_kernel(const T* __restrict__ logits, const void* __r
   const float neg_inf = __int_as_float(0xff800000);
   const T* row = logits + token * p.num_experts;
 
-  // A non-finite b (NaN logit or non-finite bias) is stored as NaN, whose selection key is invalid.
+  // b is finite or NaN (a NaN logit or a non-finite bias), whose selection key is invalid.
   int32_t top1 = kInvalidKey, top2 = kInvalidKey;
   for (int e = warp * epg + lane; e < (warp + 1) * epg; e += 32) {
-    const float bias_e = bias_kind == 0   ? static_cast<const float*>(bias)[e]
-                         : bias_kind == 1 ? __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[e])
-                                          : __half2float(static_cast<const __half*>(bias)[e]);
-    const float v = __fadd_rn(sigmoid_f32(to_float<T>(row[e])), bias_e);
-    b[e] = isfinite(v) ? v : __int_as_float(0x7fc00000);
+    b[e] = __fadd_rn(sigmoid_f32(to_float<T>(row[e])), bias_value(bias, bias_kind, e));
     push_top2(selection_key(b[e]), top1, top2);
   }
   for (int offset = 16; offset > 0; offset >>= 1) merge_top2(top1, top2, offset);
@@ -51,46 +47,49 @@ __global__ void fused_block_kernel(const T* __restrict__ logits, const void* __r
     kept = __ballot_sync(kFullMask, lane < p.n_group && rank < p.topk_group);
     fallback = finite_groups < p.topk_group;
   }
-  float sum = 0.0f;
+  // Warp 0 holds the biased scores of experts lane, lane + 32, ... as keys in registers, dropped groups as
+  // invalid, and takes the top_k by rounds of a warp arg-max; the owner of each winner drops it.
+  constexpr int kPerLane = kMaxExperts / 32;
+  int32_t key[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int e = lane + 32 * i;
+    key[i] = kNoKey;
+    if (e < p.num_experts) key[i] = (kept >> (e / epg) & 1u) ? selection_key(b[e]) : kInvalidKey;
+  }
+  int my_e = 0;
   for (int r = 0; r < p.top_k; ++r) {
-    int32_t best_key = kInvalidKey;
-    int best_e = 0x7fffffff;
-    for (int e = lane; e < p.num_experts; e += 32) {
-      bool taken = false;
-      for (int q = 0; q < r; ++q) taken |= chosen_e[q] == e;
-      if (!taken && (kept >> (e / epg) & 1u)) {
-        const int32_t key = selection_key(b[e]);
-        if (key > best_key) {
-          best_key = key;
-          best_e = e;
-        }
+    int32_t own = kNoKey;
+    int own_i = 0;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (key[i] > own) {
+        own = key[i];
+        own_i = i;
       }
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const int32_t other_key = __shfl_xor_sync(kFullMask, best_key, offset);
-      const int other_e = __shfl_xor_sync(kFullMask, best_e, offset);
-      if (other_key > best_key || (other_key == best_key && other_e < best_e)) {
-        best_key = other_key;
-        best_e = other_e;
-      }
+    const int32_t best_key = __reduce_max_sync(kFullMask, own);
+    const int best_e = __reduce_min_sync(kFullMask, own == best_key ? lane + 32 * own_i : 0x7fffffff);
+    fallback |= best_key <= kInvalidKey;
+    if (best_e == lane + 32 * own_i) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) key[i] = i == own_i ? kNoKey : key[i];
     }
-    if (best_key == kInvalidKey) {
-      fallback = true;
-      best_e = -1;
-    }
-    const float s = best_key != kInvalidKey ? sigmoid_f32(to_float<T>(row[best_e])) : 0.0f;
-    sum = __fadd_rn(sum, s);
-    if (lane == 0) {
-      chosen_e[r] = best_e;
-      chosen_s[r] = s;
-    }
-    __syncwarp();
+    if (lane == r) my_e = best_e;
+  }
+  // The chosen sigmoids are recomputed from the logits, all at once, and summed in output order.
+  const float my_s = !fallback && lane < p.top_k ? sigmoid_f32(to_float<T>(row[my_e])) : 0.0f;
+  float sum = 0.0f;
+  for (int r = 0; r < p.top_k; ++r) sum = __fadd_rn(sum, __shfl_sync(kFullMask, my_s, r));
+  if (lane < p.top_k) {
+    chosen_e[lane] = my_e;
+    chosen_s[lane] = my_s;
   }
   const float denom = __fadd_rn(sum, 1e-20f);
   if (out.scores != nullptr) {
     for (int e = lane; e < p.num_experts; e += 32) out.scores[token * p.num_experts + e] = 0.0f;
-    __syncwarp();
   }
+  __syncwarp();
   for (int r = lane; r < p.top_k; r += 32) {
     const int id = fallback ? r : chosen_e[r];
     const float w = fallback ? p.fallback_weight : routed_weight(chosen_s[r], denom, p);

@@ -43,10 +43,11 @@ inline int device_attribute(int device) {
 
 inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
-// Blocks each SM must hold at once, for __launch_bounds__. With 8 experts per lane the kernels fit 80
-// registers without spilling (6 blocks, 24 warps); a tighter bound spills, and the reloads sit on the latency
-// chain of a small batch. Wider chunks need their registers.
-constexpr int min_blocks_per_sm(int vpt) { return vpt <= 8 ? 6 : 1; }
+// Blocks each SM must hold at once, for __launch_bounds__. With 8 two-byte experts per lane the kernels fit 80
+// registers without spilling (6 blocks, 24 warps); float32 chunks hold twice the words and need the 102 that
+// 5 blocks leave; a tighter bound spills, and the reloads sit on the latency chain of a small batch. Wider
+// chunks need their registers.
+constexpr int min_blocks_per_sm(int vpt, int elem_bytes) { return vpt <= 8 ? (elem_bytes <= 2 ? 6 : 5) : 1; }
 
 // Blocks of `kernel` an SM holds at once with `smem` bytes of dynamic shared memory (its registers and shared
 // memory decide), asked of the runtime once per kernel, size and device.

@@ -84,6 +84,15 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { retu
 template <>
 __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 
+// Element e of a bias tagged 0 float32, 1 bfloat16, 2 float16, as float32; a non-finite bias as NaN, so that
+// b = s + bias is finite or NaN (rule 2), all that selection has to tell apart.
+__device__ __forceinline__ float bias_value(const void* __restrict__ bias, int kind, int e) {
+  const float v = kind == 0   ? static_cast<const float*>(bias)[e]
+                  : kind == 1 ? to_float<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(bias)[e])
+                              : to_float<__half>(static_cast<const __half*>(bias)[e]);
+  return isfinite(v) ? v : __int_as_float(0x7fc00000);
+}
+
 // Per-token shared memory, 16-byte aligned: candidate records (64-bit order key, then s, 16 bytes each), then
 // the chosen s and ids, each padded to a multiple of 4 so they are read as float4. A token never has more
 // candidates than the experts its lanes hold, so narrow layouts keep their blocks' shared memory small.

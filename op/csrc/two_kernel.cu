@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(256)
 }
 
 template <int VPT>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT))
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT, sizeof(float)))
     noaux_tc_kernel(float* scores, const float* __restrict__ biased, RoutingOutputs out,
                     const int32_t* __restrict__ num_tokens_ptr, int64_t num_tokens, RoutingParams p, int vec) {
   extern __shared__ __align__(16) float stage_all[];
