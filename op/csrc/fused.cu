@@ -1,10 +1,12 @@
 // Path `fused`: one launch does cast, sigmoid, bias, group scoring, group and expert selection,
-// renormalisation, scaling, and writes scores, values and indices.
+// renormalisation, scaling, and writes scores, values and indices. Which kernel that launch runs depends on the
+// batch: one block per token while the blocks fit about one wave (fused_latency.cuh), then, where a lane holds
+// few experts, one token per warp with top_k arg-max rounds (fused_warp.cuh), and otherwise the threshold kernel
+// below. All three share the arithmetic and so give bit-identical outputs.
 //
-// A token occupies a sub-warp of `lanes` lanes (a whole warp for deepseek_v3, half of one for glm45_air),
-// each lane holding a contiguous chunk of the row in registers after loads as wide as 16 bytes. Each lane
-// keeps the bias of its experts in registers; the grid is persistent, so large batches loop over tokens
-// instead of launching more blocks.
+// The threshold kernel: a token occupies a sub-warp of `lanes` lanes (a whole warp for deepseek_v3, half of
+// one for glm45_air), each lane holding a contiguous chunk of the row in registers after loads as wide as 16
+// bytes; the grid is persistent, so large batches loop over tokens instead of launching more blocks.
 #include "fused_latency.cuh"
 #include "fused_warp.cuh"
 #include "launch.cuh"
@@ -89,10 +91,13 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     else if (kind == FloatKind::kBFloat16) launch(static_cast<const __nv_bfloat16*>(nullptr));
     else launch(static_cast<const __half*>(nullptr));
   };
-  if (latency_kernel_covers(p) && rows <= latency_max_tokens(p)) {
+  const bool latency_covers = latency_kernel_covers(p);
+  if (latency_covers && rows <= latency_max_tokens(p)) {
     by_dtype([&](auto* typed) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
-      launch_dependent("fused_grouped_topk launch", fused_latency_kernel<T>, static_cast<int>(rows),
+      // Every model preset routes to 8 experts: that count unrolls the kernel's loops.
+      auto* kernel = top_k == 8 ? fused_latency_kernel<T, 8> : fused_latency_kernel<T, 0>;
+      launch_dependent("fused_grouped_topk launch", kernel, static_cast<int>(rows),
                        (static_cast<int>(experts) + 31) / 32 * 32, 0, stream, device,
                        static_cast<const T*>(data_of(logits)), data_of(bias), call.bias_kind, call.out,
                        call.num_tokens, rows, p);
@@ -101,7 +106,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
   }
   const size_t bias_bytes = round_up4(static_cast<int>(experts)) * sizeof(float);
   const RoutingParams wp = warp_params(p, 8 / elem);
-  if (warp_kernel_covers(wp) && rows <= warp_max_tokens(wp)) {
+  if (warp_kernel_covers(wp) && rows <= warp_max_tokens(wp, latency_covers)) {
     const int vec = row_vec_bytes(wp.vpt, experts, elem, data_of(logits));
     dispatch_warp_vpt(wp.vpt, [&](auto cap) {
       constexpr int VPT = decltype(cap)::value;

@@ -53,7 +53,8 @@ __device__ __forceinline__ uint64_t candidate_order(int32_t key, int expert) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(key) ^ 0x80000000u) << 32) | static_cast<uint32_t>(~expert);
 }
 
-template <typename T>
+// K > 0: top_k fixed at compile time (the sum and the ranking unroll); K == 0: p.top_k.
+template <typename T, int K>
 __global__ void __launch_bounds__(kMaxExperts)
     fused_latency_kernel(const T* __restrict__ logits, const void* __restrict__ bias, int bias_kind,
                          RoutingOutputs out, const int32_t* __restrict__ num_tokens_ptr, int64_t num_tokens,
@@ -70,6 +71,7 @@ __global__ void __launch_bounds__(kMaxExperts)
   const int64_t token = blockIdx.x;
   if (token >= effective_tokens(num_tokens, num_tokens_ptr)) return;
 
+  const int top_k = K > 0 ? K : p.top_k;
   const int e = threadIdx.x;
   const int lane = e & 31;
   const int warp = e >> 5;
@@ -126,14 +128,17 @@ __global__ void __launch_bounds__(kMaxExperts)
   const bool packed = p.score_groups && p.experts_per_group == 32;
   const int slot_base = packed ? group_rank : warp;
   const int num_warps = (p.num_experts + 31) >> 5;
-  const int candidates = (packed ? p.topk_group : num_warps) * p.top_k;
-  if (rank < p.top_k && (!packed || group_rank < p.topk_group)) {
-    cand_order[slot_base * p.top_k + rank] = candidate_order(key, e);
-    cand_s[slot_base * p.top_k + rank] = s;
+  const int candidates = (packed ? p.topk_group : num_warps) * top_k;
+  if (rank < top_k && (!packed || group_rank < p.topk_group)) {
+    cand_order[slot_base * top_k + rank] = candidate_order(key, e);
+    cand_s[slot_base * top_k + rank] = s;
   }
   // Pad to an even count with orders below every candidate, so the ranking reads two at a time.
   if (e == 0 && (candidates & 1)) cand_order[candidates] = 0;
   __syncthreads();
+  // At most 32 candidates: warp 0 alone ranks them and writes the outputs, so the others are done.
+  const bool one_warp = candidates <= 32;
+  if (one_warp && warp != 0) return;
 
   if (e < candidates) {
     const uint64_t mine = cand_order[e];
@@ -143,31 +148,36 @@ __global__ void __launch_bounds__(kMaxExperts)
       const ulonglong2 two = pairs[q];
       better += (two.x > mine) + (two.y > mine);
     }
-    if (better < p.top_k) {
+    if (better < top_k) {
       chosen_s[better] = cand_s[e];
       chosen_id[better] = static_cast<int>(~static_cast<uint32_t>(mine));
       // The last place holds an invalid key only when fewer than top_k valid experts are kept (rule 7).
-      if (better == p.top_k - 1) incomplete_s = static_cast<int32_t>((mine >> 32) ^ 0x80000000u) <= kInvalidKey;
+      if (better == top_k - 1) incomplete_s = static_cast<int32_t>((mine >> 32) ^ 0x80000000u) <= kInvalidKey;
     }
   }
-  __syncthreads();
+  if (one_warp) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
 
   if (warp == 0) {
     const bool fallback = dead_group || incomplete_s;
     // Rule 5's sum in output order, as every GPU path adds it.
     float sum = 0.0f;
     if (!fallback) {
-      for (int r = 0; r < p.top_k; ++r) sum = __fadd_rn(sum, chosen_s[r]);
+#pragma unroll
+      for (int r = 0; r < top_k; ++r) sum = __fadd_rn(sum, chosen_s[r]);
     }
     const float denom = __fadd_rn(sum, 1e-20f);
-    if (lane < p.top_k) {
+    if (lane < top_k) {
       const float w = fallback ? p.fallback_weight : routed_weight(chosen_s[lane], denom, p);
       const int id = fallback ? lane : chosen_id[lane];
-      out.values[token * p.top_k + lane] = w;
+      out.values[token * top_k + lane] = w;
       if (out.index64) {
-        static_cast<int64_t*>(out.indices)[token * p.top_k + lane] = id;
+        static_cast<int64_t*>(out.indices)[token * top_k + lane] = id;
       } else {
-        static_cast<int32_t*>(out.indices)[token * p.top_k + lane] = id;
+        static_cast<int32_t*>(out.indices)[token * top_k + lane] = id;
       }
       if (out.scores != nullptr) out.scores[token * p.num_experts + id] = w;
     }

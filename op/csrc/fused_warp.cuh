@@ -60,14 +60,16 @@ inline bool warp_kernel_covers(const RoutingParams& p) {
 }
 
 // Token counts up to which `fused` runs this kernel rather than the threshold kernel in fused.cu (above the
-// block-per-token kernel's range). Its rounds cost a few instructions per expert held, the threshold kernel's
-// selection does not grow with them, so the crossover falls as a lane holds more; measured on an H200 with bf16
-// logits (op/csrc/NOTES.md, v8). FUSEDGATE_WARP_MAX_TOKENS overrides it (read once), so a benchmark can time
-// either kernel at any count.
-inline int64_t warp_max_tokens(const RoutingParams& p) {
+// block-per-token kernel's range, where that covers the config). Its rounds cost a few instructions per expert
+// a lane holds, while the threshold kernel's selection does not grow with them: on an H200 with bf16 logits and
+// scores written (op/csrc/NOTES.md, v8) it wins up to 8192 tokens with 4 experts per lane and loses above the
+// block-per-token range with 8 or more; where that kernel does not apply, it still wins up to 1024 tokens.
+// FUSEDGATE_WARP_MAX_TOKENS overrides it (read once), so a benchmark can time either kernel at any count.
+inline int64_t warp_max_tokens(const RoutingParams& p, bool latency_covers) {
   static const char* env = std::getenv("FUSEDGATE_WARP_MAX_TOKENS");
   if (env != nullptr) return std::atoll(env);
-  return p.vpt <= 4 ? 8192 : p.vpt <= 8 ? 1024 : 512;
+  if (p.vpt <= 4) return 8192;
+  return latency_covers ? 0 : 1024;
 }
 
 // K > 0: top_k fixed at compile time (the rounds unroll); K == 0: p.top_k.
