@@ -200,7 +200,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       if (vec_scores) {
 #pragma unroll
         for (int i = 0; i < VPT; i += 4) {
-          if (i < p.vpt && e0 + i < p.num_experts) *reinterpret_cast<float4*>(dst + i) = make_float4(row[i], row[i + 1], row[i + 2], row[i + 3]);
+          if (i < p.vpt && e0 + i < p.num_experts) {
+            *reinterpret_cast<float4*>(dst + i) = make_float4(row[i], row[i + 1], row[i + 2], row[i + 3]);
+          }
         }
       } else {
 #pragma unroll
