@@ -102,3 +102,18 @@ def test_fallback_rows_must_match_exactly():
     assert compare_routing((None, np.array([[0.5, 0.5]], np.float32), np.array([[0, 1]])), x, bias, config).ok
     bad = compare_routing((None, np.array([[0.5, 0.5]], np.float32), np.array([[1, 0]])), x, bias, config)
     assert bad.mismatches == 1
+
+
+def test_swap_between_identical_groups_is_never_excused(seed):
+    # Four groups with the same logits and bias score identically under any arithmetic: the tie rule keeps
+    # groups 0 and 1, and an answer drawn from groups 2 and 3 is wrong, not a near-tie.
+    config = RoutingConfig(16, 4, 2, 4, True, 1.0)
+    group_x, group_bias = generate_input(RoutingConfig(4, 1, 1, 2, True, 1.0), 1, "float32", seed, "randn")
+    x = np.tile(group_x, (1, 4))
+    bias = np.tile(group_bias, 4)
+    ref_ids = reference.grouped_topk(x, bias, *config.args())[2]
+    assert {int(i) // 4 for i in ref_ids[0]} == {0, 1}
+    shifted = ref_ids + 8
+    values = reference.routing_weights(reference.sigmoid(x)[0][shifted[0]][None], True, 1.0)
+    result = compare_routing((None, values, shifted), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0
