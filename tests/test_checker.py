@@ -8,7 +8,7 @@ import pytest
 from harness.inputs import generate_input
 from op import reference
 from op.configs import PRESETS, RoutingConfig
-from op.testing import EXPERT_TOLERANCE, assert_routing_close, compare_routing
+from op.testing import EXPERT_TOLERANCE, GROUP_TOLERANCE, assert_routing_close, compare_routing
 
 CONFIG = PRESETS["deepseek_v3"]
 
@@ -116,4 +116,38 @@ def test_swap_between_identical_groups_is_never_excused(seed):
     shifted = ref_ids + 8
     values = reference.routing_weights(reference.sigmoid(x)[0][shifted[0]][None], True, 1.0)
     result = compare_routing((None, values, shifted), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0
+
+
+def test_swap_beyond_expert_tolerance_is_a_mismatch():
+    # Expert 1 sits two to four tolerances above expert 0 in b: putting 0 first is wrong, not a near-tie.
+    config = RoutingConfig(8, 1, 1, 2, True, 1.0)
+    x = np.array([[0.5, 0.5, 0.1, 0.2, 0, 0, 0, 0]], np.float32)
+    x[0, 1] = np.float32(0.5) + np.float32(12 * EXPERT_TOLERANCE)
+    bias = np.zeros(8, np.float32)
+    b = reference.biased_scores(x, bias)[0]
+    assert 2 * EXPERT_TOLERANCE < b[1] - b[0] <= 4 * EXPERT_TOLERANCE
+    values = reference.routing_weights(reference.sigmoid(x)[0][[0, 1]][None], True, 1.0)
+    result = compare_routing((None, values, np.array([[0, 1]])), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0
+
+
+def test_group_swap_beyond_group_tolerance_is_a_mismatch():
+    config = RoutingConfig(8, 2, 1, 1, True, 1.0)
+    bias = np.zeros(8, np.float32)
+    x = np.array([[0.3, 0.3, -3, -3, 0.3, 0.3, -3, -3]], np.float32)
+    x[0, 4] = np.float32(0.3) + np.float32(2e-5)
+    scores = reference.group_scores(reference.biased_scores(x, bias), 2)[0]
+    assert 2 * GROUP_TOLERANCE < scores[1] - scores[0] <= 4 * GROUP_TOLERANCE
+    values = reference.sigmoid(x)[:, [0]]
+    result = compare_routing((None, values, np.array([[0]])), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0
+
+
+def test_higher_of_two_identical_experts_is_a_mismatch():
+    # Experts 0 and 1 have the same logit and bias: choosing 1 over 0 breaks the tie rule on every path.
+    config = RoutingConfig(8, 1, 1, 1, True, 1.0)
+    x = np.array([[0.5, 0.5, 0.1, 0.2, -1, -1, -2, -2]], np.float32)
+    bias = np.zeros(8, np.float32)
+    result = compare_routing((None, np.array([[1.0]], np.float32), np.array([[1]])), x, bias, config)
     assert result.mismatches == 1 and result.excused_near_ties == 0
