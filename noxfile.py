@@ -58,7 +58,8 @@ GPU_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTH
 def gpu(session: nox.Session) -> None:
     """GPU tests (marked ``gpu``) in the host's own interpreter, from the checkout, on a CUDA host."""
     session.run("python3", "-m", "op.build", env=GPU_ENV)
-    files = sorted(str(p) for p in Path("tests").glob("test_gpu_*.py"))
+    # The rule tests carry GPU cases too: every rule over fused, two_kernel, fused_block and composite_torch.
+    files = sorted(str(p) for p in Path("tests").glob("test_gpu_*.py")) + ["tests/test_reference_rules.py"]
     session.run("python3", "-m", "pytest", "-m", "gpu", "-n", "8", *files, *session.posargs, env=GPU_ENV)
 
 
