@@ -156,6 +156,21 @@ def test_repeated_maximum_counts_twice_in_group_score(route):
     assert ids[0].tolist() == [0, 1]
 
 
+def test_repeated_maximum_counts_twice_in_a_warp_wide_group(route):
+    # As above with 32 experts per group (a whole warp on the GPU): 0.9 twice beats 0.95 and 0.1.
+    bias = np.full(64, -5.0, dtype=np.float32)
+    bias[[0, 1, 32, 33]] = [0.9, 0.9, 0.95, 0.1]
+    _, _, ids = route(np.zeros(64, dtype=np.float32), bias - sig(0.0), 2, 1, 2)
+    assert ids[0].tolist() == [0, 1]
+
+
+def test_tied_experts_side_by_side_keep_lower_index(route):
+    # Equal neighbours, which a GPU lane holding several experts compares among themselves.
+    x = np.array([0.5, 0.5, 0.9, 0.9, 0.1, 0.1, 0.3, 0.3], dtype=np.float32)
+    _, _, ids = route(x, np.zeros(8), 1, 1, 3)
+    assert ids[0].tolist() == [2, 3, 0]
+
+
 def test_all_negative_biased_scores_still_route_by_order(route):
     bias = np.full(8, -3.0, dtype=np.float32)
     x = np.array([0.1, 0.2, 3.0, 2.0, -1.0, -2.0, 0.0, 0.3], dtype=np.float32)
@@ -193,6 +208,13 @@ def test_too_few_valid_experts_in_kept_groups_falls_back(route):
     scores, values, ids = route(x, np.zeros(8), 4, 2, 3)
     assert ids[0].tolist() == [0, 1, 2]
     assert (values[0] == np.float32(1) / np.float32(3)).all()
+    assert_scores_scatter(scores, values, ids)
+
+
+def test_too_few_valid_experts_without_groups_falls_back(route):
+    scores, values, ids = route(np.array([1.0, NAN, NAN, NAN], dtype=np.float32), np.zeros(4), 1, 1, 2)
+    assert ids[0].tolist() == [0, 1]
+    assert (values[0] == np.float32(0.5)).all()
     assert_scores_scatter(scores, values, ids)
 
 
