@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from harness.crossover import Band, find_crossovers  # noqa: E402
 
@@ -40,7 +41,9 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
 LINE_STYLES = {"graph": "-", "eager": "--"}
 
 
-def _speedup_panel(ax, bands_by_launch: dict[str, dict[str, Sequence[Band]]], fontsize: int) -> None:
+def _speedup_panel(
+    ax, bands_by_launch: dict[str, dict[str, Sequence[Band]]], fontsize: int, legend: bool = True
+) -> None:
     """Median speedup per pair and launch kind, its bootstrap band shaded, each crossover marked and labelled
     with its token count and the band of token counts it lies in; log scale, so 100x and 1.1x both read."""
     ax.axhline(1.0, color="black", lw=0.8)
@@ -57,18 +60,25 @@ def _speedup_panel(ax, bands_by_launch: dict[str, dict[str, Sequence[Band]]], fo
             for crossing in find_crossovers(ordered):
                 ax.axvspan(crossing.low_tokens, crossing.high_tokens, color=colour, alpha=0.08, lw=0)
                 ax.axvline(crossing.at_tokens, ls=ls, lw=0.9, color=colour)
+                # Hung from the top of the panel, inside it, beside its line.
                 ax.annotate(
                     f"{crossing.label} {launch}",
-                    (crossing.at_tokens, 1.0),
-                    xytext=(3, 4),
+                    (crossing.at_tokens, 0.98),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(3, 0),
                     textcoords="offset points",
-                    fontsize=fontsize,
+                    fontsize=fontsize + 1,
                     color=colour,
                     rotation=90,
-                    va="bottom",
+                    va="top",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
                 )
     ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="speedup (baseline / candidate, ×, log scale)")
-    ax.legend(fontsize=fontsize)
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    if legend:
+        ax.legend(fontsize=fontsize)
 
 
 def plot_preset(
@@ -116,11 +126,14 @@ def plot_grid(
         rows_n, cols, figsize=(5.5 * cols, 4.2 * rows_n), squeeze=False, layout="constrained", sharey=True
     )
     for i, (ax, name) in enumerate(zip(axes.flat, names, strict=False)):
-        _speedup_panel(ax, bands_by_preset[name], 6)
+        _speedup_panel(ax, bands_by_preset[name], 7, legend=False)
         ax.set_title(name)
         if i % cols:
             ax.set_ylabel("")
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.suptitle(f"speedup summary, {dtype}, {card}")
+    # One legend for every panel: the pairs and launch kinds are the same in each.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
+    fig.suptitle(f"speedup summary, {dtype}, {card} (band: 95% bootstrap; shaded span: crossover band)")
     return _save(fig, out_dir, f"summary-{dtype}")

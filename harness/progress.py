@@ -12,7 +12,8 @@ from typing import TextIO
 
 
 class Progress:
-    """Call it once per step with what the step does; ``close()`` ends the terminal line."""
+    """Call it once per step with what the step does; ``close()`` ends the terminal line. Steps past the planned
+    ``total`` (refinement points a sweep adds where two paths cross) show as ``[done/total+]``."""
 
     def __init__(self, total: int, stream: TextIO | None = None, interval: float = 10.0):
         self.total, self.done = max(total, 1), 0
@@ -23,7 +24,7 @@ class Progress:
 
     def __call__(self, what: str) -> None:
         self.done += 1
-        text = f"[{min(self.done, self.total)}/{self.total}] {what}"
+        text = f"[{self.done}/{self.total}{'+' if self.done > self.total else ''}] {what}"
         if self.terminal:
             print(f"\r{text[:78]:<78}", end="", file=self.stream, flush=True)
             return
