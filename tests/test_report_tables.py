@@ -1,0 +1,137 @@
+"""The report's tables on the CPU: what sets each crossover (from a sweep's timings) and the cross-card table
+(from two report folders, old CSVs included)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from harness.causes import crossover_notes, section
+from harness.compare import cross_card_table
+from harness.crossover import speedup_band
+from harness.results import CSV_COLUMNS, read_csv
+from harness.sweep import SweepResult
+from harness.timing import quartiles
+
+H100 = Path(__file__).resolve().parent.parent / "reports" / "2026-11-28-nvidia-h100-80gb-hbm3"
+TOKENS = (1, 64, 1024, 4096)
+
+
+def _timings(medians, rng):
+    """15 samples per T spread symmetrically (in random order) about the given median, which stays exact."""
+    return {
+        t: quartiles(list(m * (1 + 0.005 * rng.permutation(np.arange(-7, 8)))))
+        for t, m in zip(TOKENS, medians, strict=True)
+    }
+
+
+def gpu_sweep(seed) -> SweepResult:
+    """A host-light candidate with slow kernels against a host-heavy baseline with fast ones: eager per call is
+    about max(host, GPU), so the candidate wins eager until its GPU time passes the baseline's host time."""
+    rng = np.random.default_rng(seed)
+    gpu = {"cand": [20, 20, 22, 100], "base": [4, 5, 6, 19]}
+    host = {"cand": [8, 8, 8, 8], "base": [35, 35, 35, 35]}
+    eager = {p: [max(g, h) for g, h in zip(gpu[p], host[p], strict=True)] for p in gpu}
+    timings = {"graph": {p: _timings(gpu[p], rng) for p in gpu}, "eager": {p: _timings(eager[p], rng) for p in gpu}}
+    bands = {
+        launch: {
+            "cand vs base": [
+                speedup_band(per_path["base"][t].samples, per_path["cand"][t].samples, t, seed=seed) for t in TOKENS
+            ]
+        }
+        for launch, per_path in timings.items()
+    }
+    return SweepResult(timings, bands, {p: _timings(host[p], rng) for p in host})
+
+
+def test_eager_crossover_is_explained_by_host_and_gpu_time(seed):
+    (note,) = crossover_notes("deepseek_v3", gpu_sweep(seed))
+    assert note.startswith("- deepseek_v3, cand vs base, eager: candidate stops winning between T=1024 and T=4096")
+    at_low, at_high = note.split("; at T=4096: ")
+    assert "at T=1024: cand GPU-bound (eager 22.00, host 8.00, GPU 22.00 µs)" in at_low
+    assert "base host-bound (eager 35.00, host 35.00, GPU 6.00 µs)" in at_low
+    assert "cand GPU-bound (eager 100.00" in at_high and "base host-bound" in at_high
+
+
+def test_report_section_holds_the_per_token_costs(seed):
+    lines = section({"deepseek_v3": gpu_sweep(seed)})
+    header = next(line for line in lines if line.startswith("| preset | T |"))
+    assert header == "| preset | T | base GPU | base host | base eager | cand GPU | cand host | cand eager |"
+    assert "| deepseek_v3 | 4096 | 19.00 | 35.00 | 35.00 | 100.00 | 8.00 | 100.00 |" in lines
+
+
+def test_no_crossover_is_said_once():
+    assert "- no crossover found in range" in section({})
+
+
+def _latency(path, launch, l2, t, p50, card):
+    return {
+        "path": path,
+        "preset": "deepseek_v3",
+        "E": 256,
+        "dtype": "bfloat16",
+        "T": t,
+        "scores": "scores",
+        "l2": l2,
+        "launch": launch,
+        "distribution": "randn",
+        "metric": "latency",
+        "unit": "us",
+        "p25": p50,
+        "p50": p50,
+        "p75": p50,
+        "n": 15,
+        "card": card,
+        "timestamp": "",
+        "commit": "",
+    }
+
+
+def test_cross_card_table_against_the_committed_h100_report():
+    old = read_csv(H100 / "results.csv")
+    h100 = {
+        (r["launch"], r["path"]): float(r["p50"])
+        for r in old
+        if r["metric"] == "latency" and r["preset"] == "deepseek_v3" and r["T"] == "1" and r["l2"] == "hot"
+    }
+    new = [_latency("fused_block", launch, "hot", 1, 5.0, "NVIDIA H200") for launch in ("graph", "eager")]
+    lines = cross_card_table(old, new)
+    assert lines[0].startswith("µs per call (median); ratio = NVIDIA H100 80GB HBM3 / NVIDIA H200")
+    for launch in ("graph", "eager"):
+        old_us = h100[(launch, "fused_block")]
+        row = f"| deepseek_v3 | {launch} | hot | fused_block | scores | 1 | {old_us:.2f} | 5.00 | {old_us / 5:.2f} |"
+        assert row in lines
+    assert len(lines) == 4 + 2
+
+
+def test_cross_card_table_reads_old_csvs(tmp_path):
+    # Before the launch dimension: CPU timings were launch "host"; older files lack the launch and l2 columns.
+    old = [_latency("cpu_kernel", "host", "", 64, 30.0, "cpu a")]
+    new = [_latency("cpu_kernel", "eager", "", 64, 15.0, "cpu b")]
+    assert "| deepseek_v3 | eager | - | cpu_kernel | scores | 64 | 30.00 | 15.00 | 2.00 |" in cross_card_table(old, new)
+    columns = [c for c in CSV_COLUMNS if c not in ("launch", "l2")]
+    with open(tmp_path / "old.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerow(_latency("cpu_kernel", "", "", 64, 30.0, "cpu a"))
+    stripped = [_latency("cpu_kernel", "", "", 64, 10.0, "cpu b")]
+    table = cross_card_table(read_csv(tmp_path / "old.csv"), stripped)
+    assert "| deepseek_v3 | - | - | cpu_kernel | scores | 64 | 30.00 | 10.00 | 3.00 |" in table
+
+
+def test_compare_command_on_two_report_folders(tmp_path, capsys):
+    from harness.cli import main
+    from harness.results import write_csv
+
+    new = tmp_path / "h200"
+    write_csv(new / "results.csv", [_latency("fused", "graph", "hot", 1, 2.0, "NVIDIA H200")])
+    out = tmp_path / "compare.md"
+    assert main(["compare", str(H100), str(new), "--out", str(out)]) == 0
+    assert "| deepseek_v3 | graph | hot | fused | scores | 1 |" in out.read_text()
+    shutil.copytree(H100, tmp_path / "copy", ignore=shutil.ignore_patterns("*.png", "*.svg", "profile"))
+    assert main(["compare", str(tmp_path / "nothing"), str(new)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no results.csv" in err
