@@ -10,6 +10,7 @@ Names section says.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,8 +52,16 @@ def geometric_tokens(low: int, high: int) -> list[int]:
     return [*out, high]
 
 
-def _gpu_timer(path: str, preset: str, dtype: str, repeats: int, launch: str, host: dict[int, Timing]):
+@functools.lru_cache(maxsize=1)
+def _device_input(preset: str, dtype: str, tokens: int):
+    """One input per token count, shared by every path and launch kind the sweep times at it in turn."""
     import torch
+
+    x, bias = generate_input(ALL_CONFIGS[preset], tokens, "float32", 0)
+    return torch.from_numpy(x).cuda().to(getattr(torch, dtype)), torch.from_numpy(bias).cuda()
+
+
+def _gpu_timer(path: str, preset: str, dtype: str, repeats: int, launch: str, host: dict[int, Timing]):
 
     import op
     from op.composite import composite_torch
@@ -66,9 +75,7 @@ def _gpu_timer(path: str, preset: str, dtype: str, repeats: int, launch: str, ho
     config = ALL_CONFIGS[preset]
 
     def timer(tokens: int) -> Timing:
-        x, bias = generate_input(config, tokens, "float32", 0)
-        xd = torch.from_numpy(x).cuda().to(getattr(torch, dtype))
-        bd = torch.from_numpy(bias).cuda()
+        xd, bd = _device_input(preset, dtype, tokens)
         label = range_name(path, preset, dtype, tokens, True, "hot", launch)
 
         def call(_):
@@ -132,12 +139,15 @@ def run_sweep(
             for t in sorted(timings[candidate])
         ]
 
+    # A point refined for one launch kind is measured in every kind, so each crossover is bracketed by token
+    # counts that have the GPU, host and eager times which explain it.
     for launch in launches:
         measure(launch, tokens)
-        for _ in range(refine_rounds):
-            extra = sorted({t for c, b in pairs for t in refinement_points(bands_for(launch, c, b))})
-            if not extra:
-                break
+    for _ in range(refine_rounds):
+        extra = sorted({t for launch in launches for c, b in pairs for t in refinement_points(bands_for(launch, c, b))})
+        if not extra:
+            break
+        for launch in launches:
             measure(launch, extra)
-        result.bands[launch] = {f"{c} vs {b}": bands_for(launch, c, b) for c, b in pairs}
+    result.bands = {launch: {f"{c} vs {b}": bands_for(launch, c, b) for c, b in pairs} for launch in launches}
     return result

@@ -11,7 +11,7 @@ import numpy as np
 
 from harness.causes import crossover_notes, section
 from harness.compare import cross_card_table
-from harness.crossover import speedup_band
+from harness.crossover import find_crossovers, speedup_band
 from harness.results import CSV_COLUMNS, read_csv
 from harness.sweep import SweepResult
 from harness.timing import quartiles
@@ -135,3 +135,25 @@ def test_compare_command_on_two_report_folders(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nothing"), str(new)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no results.csv" in err
+
+
+def test_sweep_refines_each_crossing_in_every_launch_kind(monkeypatch, seed):
+    import harness.sweep
+
+    rng = np.random.default_rng(seed)
+
+    def fake_timer(path, preset, dtype, repeats, launch, host):
+        # "b" takes 100 + T µs. Eager "a" 50 + 2T: it wins below T=50 and loses above; graph "a" always loses.
+        def timer(tokens):
+            base, slope = (100, 1) if path == "b" else (50, 2) if launch == "eager" else (200, 3)
+            return quartiles(list((base + slope * tokens) * (1 + 0.002 * rng.standard_normal(15))))
+
+        return timer
+
+    monkeypatch.setattr(harness.sweep, "_cpu_timer", fake_timer)
+    result = harness.sweep.run_sweep(
+        "x_e72", "float32", [1, 16, 256, 4096], [("a", "b")], False, launches=["graph", "eager"]
+    )
+    graph_tokens, eager_tokens = (sorted(result.timings[k]["a"]) for k in ("graph", "eager"))
+    assert graph_tokens == eager_tokens and len(eager_tokens) > 4
+    assert [len(find_crossovers(result.bands[k]["a vs b"])) for k in ("graph", "eager")] == [0, 1]
