@@ -45,14 +45,22 @@ def cost_table(preset: str, sweep: SweepResult) -> list[str]:
     return lines
 
 
-def _state(sweep: SweepResult, path: str, tokens: int) -> str:
+def _bound(sweep: SweepResult, path: str, tokens: int) -> str | None:
+    """``host`` or ``GPU``: whichever time is the larger at ``tokens``, or None where either is unmeasured."""
     gpu = sweep.timings.get("graph", {}).get(path, {}).get(tokens)
     host = sweep.host.get(path, {}).get(tokens)
-    eager = sweep.timings.get("eager", {}).get(path, {}).get(tokens)
     if gpu is None or host is None:
+        return None
+    return "host" if host.p50 > gpu.p50 else "GPU"
+
+
+def _state(sweep: SweepResult, path: str, tokens: int) -> str:
+    eager = sweep.timings.get("eager", {}).get(path, {}).get(tokens)
+    bound = _bound(sweep, path, tokens)
+    if bound is None:
         return f"{path} {median_text(eager)} µs"
-    bound = "host-bound" if host.p50 > gpu.p50 else "GPU-bound"
-    return f"{path} {bound} (eager {median_text(eager)}, host {host.p50:.2f}, GPU {gpu.p50:.2f} µs)"
+    host, gpu = sweep.host[path][tokens], sweep.timings["graph"][path][tokens]
+    return f"{path} {bound}-bound (eager {median_text(eager)}, host {host.p50:.2f}, GPU {gpu.p50:.2f} µs)"
 
 
 def explain(sweep: SweepResult, launch: str, candidate: str, baseline: str, crossing: Crossover) -> str:
@@ -74,7 +82,10 @@ def explain(sweep: SweepResult, launch: str, candidate: str, baseline: str, cros
     sides = "; ".join(
         f"at T={t}: " + ", ".join(_state(sweep, p, t) for p in (candidate, baseline)) for t in (low, high)
     )
-    return f"{head}: {sides}"
+    bounds = [_bound(sweep, p, high) for p in (candidate, baseline)]
+    if None in bounds:
+        return f"{head}: {sides}"
+    return f"{head}: {sides}; set by {candidate}'s {bounds[0]} time against {baseline}'s {bounds[1]} time"
 
 
 def crossover_notes(preset: str, sweep: SweepResult) -> list[str]:

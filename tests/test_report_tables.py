@@ -54,6 +54,7 @@ def test_eager_crossover_is_explained_by_host_and_gpu_time(seed):
     assert "at T=1024: cand GPU-bound (eager 22.00, host 8.00, GPU 22.00 µs)" in at_low
     assert "base host-bound (eager 35.00, host 35.00, GPU 6.00 µs)" in at_low
     assert "cand GPU-bound (eager 100.00" in at_high and "base host-bound" in at_high
+    assert note.endswith("set by cand's GPU time against base's host time")
 
 
 def test_report_section_holds_the_per_token_costs(seed):
@@ -157,3 +158,45 @@ def test_sweep_refines_each_crossing_in_every_launch_kind(monkeypatch, seed):
     graph_tokens, eager_tokens = (sorted(result.timings[k]["a"]) for k in ("graph", "eager"))
     assert graph_tokens == eager_tokens and len(eager_tokens) > 4
     assert [len(find_crossovers(result.bands[k]["a vs b"])) for k in ("graph", "eager")] == [0, 1]
+
+
+def test_gpu_report_layout_with_fake_timers(tmp_path, monkeypatch, seed):
+    """The report's GPU branch on the CPU: both launch kinds swept, host cost rows, crossover table and notes,
+    one figure per preset with both kinds; the GPU paths' timers and the cold-L2 section are replaced."""
+    import harness.report
+    import harness.sweep
+
+    rng = np.random.default_rng(seed)
+    gpu_us = {"fused": (3, 0.001), "two_kernel": (4, 0.002), "fused_block": (8, 0.01)}
+    host_us = {"fused": 6, "two_kernel": 12, "fused_block": 6}
+
+    def fake_timer(path, preset, dtype, repeats, launch, host):
+        def timer(tokens):
+            base, slope = gpu_us[path]
+            gpu = base + slope * tokens
+            if launch == "eager":
+                host[tokens] = quartiles(list(host_us[path] * (1 + 0.002 * rng.standard_normal(repeats))))
+                gpu = max(gpu, host_us[path])
+            return quartiles(list(gpu * (1 + 0.002 * rng.standard_normal(repeats))))
+
+        return timer
+
+    monkeypatch.setattr(harness.report, "cuda_reason", lambda: None)
+    monkeypatch.setattr(harness.sweep, "_gpu_timer", fake_timer)
+    monkeypatch.setattr(harness.report, "_gpu_modes", lambda *args: ([], ["## Launch kinds and L2 modes", ""], []))
+    folder = harness.report.run_report(tmp_path, ["deepseek_v3"], "bfloat16", [1, 64, 1024, 8192], [1], 5)
+    text = (folder / "report.md").read_text()
+    for launch in ("graph", "eager"):
+        for candidate in ("fused", "fused_block"):
+            assert f"| deepseek_v3 | {launch} | {candidate} | two_kernel |" in text
+    # Eager: fused_block's 8 µs kernel beats two_kernel's 12 µs of host cost per call until its kernel time
+    # passes 12 µs (T=400); under graph replay its kernel never beats two_kernel's.
+    assert "- deepseek_v3, fused_block vs two_kernel, eager: candidate stops winning between" in text
+    assert "fused_block vs two_kernel, graph: candidate" not in text
+    assert "two_kernel host-bound" in text
+    rows = read_csv(folder / "results.csv")
+    hosts = {(r["path"], r["launch"]) for r in rows if r["metric"] == "host_per_call"}
+    assert hosts == {(p, "eager") for p in gpu_us}
+    launches = {(r["path"], r["launch"]) for r in rows if r["metric"] == "latency"}
+    assert launches == {(p, k) for p in gpu_us for k in ("graph", "eager")}
+    assert (folder / "deepseek_v3-bfloat16.png").stat().st_size > 0
