@@ -90,29 +90,31 @@ for name in sys.argv[1:]:
 """
 
 
-def cuda_host(session: nox.Session) -> None:
+def cuda_host(session: nox.Session, with_tests: bool = False) -> None:
     """Stop a GPU session with one line where there is no CUDA driver, or where the host's python3 lacks the
-    project's dependencies (saying how to install them: the host keeps its own CUDA build of torch)."""
+    project's dependencies, and the test tools ``with_tests`` (saying how to install them: the host keeps its own
+    CUDA build of torch)."""
     if shutil.which("nvidia-smi") is None:
         session.error(
             f"the {session.name} session needs a CUDA host (no nvidia-smi on PATH); `nox -l` lists the CPU sessions"
         )
     test_tools = nox.project.dependency_groups(PYPROJECT, "test")
-    names = [re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in [*PYPROJECT["project"]["dependencies"], *test_tools]]
+    needed = [*PYPROJECT["project"]["dependencies"], *(test_tools if with_tests else [])]
+    names = [re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in needed]
     done = subprocess.run(["python3", "-c", _MISSING, "torch", *names], capture_output=True, text=True, check=False)
     missing = done.stdout.split() if done.returncode == 0 else ["a working python3"]
     if missing:
-        install = " ".join(f"'{r}'" for r in test_tools)
+        install = " ".join(["python3 -m pip install -e .", *(f"'{r}'" for r in needed if r in test_tools)])
         session.error(
             f"python3 on this CUDA host lacks {', '.join(missing)}: install a CUDA build of torch if it is missing, "
-            f"then the project's dependencies with `python3 -m pip install -e . {install}`"
+            f"then the project's dependencies with `{install}`"
         )
 
 
 @nox.session
 def gpu(session: nox.Session) -> None:
     """GPU tests (marked ``gpu``) in the host's own interpreter, from the checkout, on a CUDA host."""
-    cuda_host(session)
+    cuda_host(session, with_tests=True)
     session.run("python3", "-m", "op.build", env=GPU_ENV)
     files = sorted(str(p) for p in Path("tests").glob("test_gpu_*.py"))
     session.run("python3", "-m", "pytest", "-m", "gpu", "-n", "8", *files, *session.posargs, env=GPU_ENV)
