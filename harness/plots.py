@@ -97,11 +97,14 @@ def plot_preset(
     latency_ax, speed_ax = axes[0], axes[1]
     # The latency panel holds the sweep (hot L2 or host timings); cold-L2 timings sit in the report's tables.
     swept = [r for r in rows if r.get("l2") in ("hot", "", None)]
-    for label, points in _series(swept, preset, "latency").items():
+    latency = _series(swept, preset, "latency")
+    # One colour per path, one line style per launch kind, as in the speedup panel.
+    colours = {name: f"C{i}" for i, name in enumerate(sorted({label.split(" (")[0] for label in latency}))}
+    for label, points in sorted(latency.items()):
         t = [p[0] for p in points]
-        ls = "--" if "eager" in label else "-"
-        (line,) = latency_ax.plot(t, [p[2] for p in points], ls=ls, marker="o", ms=3, label=label)
-        latency_ax.fill_between(t, [p[1] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
+        colour, ls = colours[label.split(" (")[0]], "--" if "eager" in label else "-"
+        latency_ax.plot(t, [p[2] for p in points], ls=ls, color=colour, marker="o", ms=3, label=label)
+        latency_ax.fill_between(t, [p[1] for p in points], [p[3] for p in points], color=colour, alpha=0.2)
     latency_ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="latency per call (µs)", title="latency")
     latency_ax.legend(fontsize=7)
     _speedup_panel(speed_ax, bands_by_launch, 7)
@@ -135,5 +138,5 @@ def plot_grid(
     # One legend for every panel: the pairs and launch kinds are the same in each.
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
-    fig.suptitle(f"speedup summary, {dtype}, {card} (band: 95% bootstrap; shaded span: crossover band)")
+    fig.suptitle(f"speedup summary, {dtype}, {card}\nband: 95% bootstrap; shaded span: crossover band")
     return _save(fig, out_dir, f"summary-{dtype}")
