@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.inputs import DISTRIBUTIONS, generate_input
-from harness.paths import PATHS
+from harness.paths import PATHS, cuda_reason
 from op import reference
 from op.configs import ALL_CONFIGS, PRESETS
 
@@ -34,8 +34,6 @@ def _fail(command: str, message: str) -> int:
 
 def _needs_gpu(command: str, hint: str) -> int | None:
     """Exit status 1 with the reason where no CUDA GPU is usable, else None."""
-    from harness.paths import cuda_reason
-
     reason = cuda_reason()
     return None if reason is None else _fail(command, f"needs a CUDA GPU ({reason}); {hint}")
 
@@ -101,7 +99,6 @@ def _report(args: argparse.Namespace) -> int:
 
 def _crossover(args: argparse.Namespace) -> int:
     from harness.crossover import BOOTSTRAP_METHOD, describe
-    from harness.paths import cuda_reason
     from harness.progress import Progress
     from harness.sweep import (
         CPU_LAUNCHES,
