@@ -36,6 +36,15 @@ class AlignResult:
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def summary(self) -> str:
+        """One line: cases checked, paths, failures and skipped paths."""
+        cases = len(self.rows) // len(METRICS)
+        paths = len({row["path"] for row in self.rows})
+        verdict = "every case passed" if self.ok else f"{len(self.failures)} cases FAILED"
+        skipped = f"; skipped {', '.join(self.skipped)}" if self.skipped else ""
+        return f"alignment: {cases} cases over {paths} paths, {verdict}{skipped}"
+
 
 def run_alignment(
     paths: Sequence[str],

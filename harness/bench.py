@@ -209,10 +209,21 @@ def _print_table(table, args, bandwidth, elem) -> None:
             print(line + " |")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedgate bench", description=__doc__)
+def _token_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: allowed >= 1")
+    return value
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The bench's options; ``fusedgate bench`` takes them as its own (``add_help=False``)."""
+    parser = argparse.ArgumentParser(prog="fusedgate bench", description=__doc__, add_help=add_help)
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=sorted(ALL_CONFIGS))
-    parser.add_argument("--tokens", nargs="+", type=int, default=DEFAULT_TOKENS)
+    parser.add_argument("--tokens", nargs="+", type=_token_count, default=DEFAULT_TOKENS)
     parser.add_argument("--paths", nargs="+", default=list(_PATH_NAMES), choices=_PATH_NAMES)
     parser.add_argument("--l2", nargs="+", default=["hot", "cold"], choices=["hot", "cold"])
     parser.add_argument("--launch", nargs="+", default=["graph"], choices=["graph", "eager"])
@@ -227,11 +238,7 @@ _PATH_NAMES = ("fused", "fused_noscores", "two_kernel", "fused_block", "composit
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    bad = [t for t in args.tokens if t < 1]
-    if bad:
-        build_parser().error(f"--tokens {bad} out of range: allowed >= 1")
-    return run(args)
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""The ``fusedgate`` command line."""
+"""The ``fusedgate`` command line.
+
+A command that cannot run here (no CUDA GPU, a port in use, a bad argument) says why in one line on stderr
+and exits non-zero, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 from pathlib import Path
@@ -10,8 +15,27 @@ from pathlib import Path
 import numpy as np
 
 from harness.inputs import DISTRIBUTIONS, generate_input
+from harness.paths import PATHS, cuda_reason
 from op import reference
 from op.configs import ALL_CONFIGS, PRESETS
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage text is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"fusedgate {command}: {message}", file=sys.stderr)
+    return 1
+
+
+def _needs_gpu(command: str, hint: str) -> int | None:
+    """Exit status 1 with the reason where no CUDA GPU is usable, else None."""
+    reason = cuda_reason()
+    return None if reason is None else _fail(command, f"needs a CUDA GPU ({reason}); {hint}")
 
 
 def _reference_table(args: argparse.Namespace) -> int:
@@ -50,15 +74,16 @@ def _align(args: argparse.Namespace) -> int:
         print(f"skipped {name}: {reason}")
     for failure in result.failures:
         print(f"FAIL {failure}")
+    print(result.summary)
     return 0 if result.ok else 1
 
 
 def _report(args: argparse.Namespace) -> int:
     from harness.paths import cuda_reason
     from harness.report import run_report
+    from harness.sweep import default_tokens
 
-    # The CPU paths are slow enough at large T that a CPU report stops at 4096 tokens, in steps of 4.
-    tokens = args.tokens or ([2**i for i in range(17)] if cuda_reason() is None else [4**i for i in range(7)])
+    tokens = args.tokens or default_tokens(cuda_reason() is None)
     folder = run_report(
         Path(args.out),
         args.preset or sorted(PRESETS),
@@ -74,19 +99,50 @@ def _report(args: argparse.Namespace) -> int:
 
 def _crossover(args: argparse.Namespace) -> int:
     from harness.crossover import BOOTSTRAP_METHOD, describe
-    from harness.paths import cuda_reason
-    from harness.sweep import DEFAULT_CPU_PAIRS, DEFAULT_GPU_PAIRS, run_sweep
+    from harness.progress import Progress
+    from harness.sweep import (
+        CPU_LAUNCHES,
+        DEFAULT_CPU_PAIRS,
+        DEFAULT_GPU_PAIRS,
+        GPU_LAUNCHES,
+        default_tokens,
+        run_sweep,
+    )
 
     on_gpu = cuda_reason() is None
-    pairs = (
-        [tuple(p.split(":")) for p in args.pair] if args.pair else (DEFAULT_GPU_PAIRS if on_gpu else DEFAULT_CPU_PAIRS)
-    )
-    print(f"speedup bands: {BOOTSTRAP_METHOD}, n = {args.repeats} repeats per point")
-    for preset in args.preset or sorted(PRESETS):
-        _, bands = run_sweep(preset, args.dtype, args.tokens, pairs, on_gpu, repeats=args.repeats)
-        for pair, pair_bands in bands.items():
-            candidate, baseline = pair.split(" vs ")
-            print(f"{preset}: {pair}: {describe(pair_bands, candidate, baseline)}")
+    pairs = args.pair or (DEFAULT_GPU_PAIRS if on_gpu else DEFAULT_CPU_PAIRS)
+    unavailable = {p: PATHS[p].unavailable() for pair in pairs for p in pair if PATHS[p].unavailable()}
+    if unavailable:
+        return _fail("crossover", "; ".join(f"path {p} is unavailable here: {why}" for p, why in unavailable.items()))
+    tokens = args.tokens or default_tokens(on_gpu)
+    presets = args.preset or sorted(PRESETS)
+    launches = GPU_LAUNCHES if on_gpu else CPU_LAUNCHES
+    paths = {p for pair in pairs for p in pair}
+    progress = Progress(len(presets) * len(launches) * len(tokens) * len(paths))
+    print(f"speedup bands: {BOOTSTRAP_METHOD}, n = {args.repeats} repeats per point; T = {tokens}", flush=True)
+    for preset in presets:
+        sweep = run_sweep(preset, args.dtype, tokens, pairs, on_gpu, repeats=args.repeats, progress=progress)
+        for launch, pairs_bands in sweep.bands.items():
+            for pair, pair_bands in pairs_bands.items():
+                candidate, baseline = pair.split(" vs ")
+                print(f"{preset}: {launch}: {pair}: {describe(pair_bands, candidate, baseline)}", flush=True)
+    progress.close()
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness.compare import compare_folders
+
+    try:
+        lines = compare_folders(Path(args.old), Path(args.new))
+    except ValueError as error:
+        return _fail("compare", str(error))
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"cross-card table written to {args.out}")
+    else:
+        print(text, end="")
     return 0
 
 
@@ -97,9 +153,12 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from harness.bench import main as bench_main
+    refused = _needs_gpu("bench", "on a CUDA host run `nox -s bench`")
+    if refused is not None:
+        return refused
+    from harness.bench import run
 
-    return bench_main(args.rest)
+    return run(args)
 
 
 def _model_settings(args: argparse.Namespace) -> list:
@@ -120,7 +179,26 @@ def _model_settings(args: argparse.Namespace) -> list:
     ]
 
 
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, or None; checked before the server announces itself."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As the server sets it: a port left in TIME_WAIT by an earlier server is free to take.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.backend == "gpu":
+        refused = _needs_gpu("serve", "use --backend cpu here")
+        if refused is not None:
+            return refused
+    busy = _port_in_use(args.host, args.port)
+    if busy:
+        return _fail("serve", f"cannot listen on {args.host}:{args.port}: {busy} (pick another --port)")
     from graphs.models import ServedModel
     from graphs.server import serve
 
@@ -151,6 +229,13 @@ def _loadtest(args: argparse.Namespace) -> int:
     return 0 if result.ok and status == 0 else 1
 
 
+def _pair(text: str) -> tuple[str, str]:
+    candidate, sep, baseline = text.partition(":")
+    if not sep or candidate not in PATHS or baseline not in PATHS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CANDIDATE:BASELINE, each one of {', '.join(PATHS)}")
+    return candidate, baseline
+
+
 def _token_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v]
@@ -169,7 +254,9 @@ def _positive_token_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedgate", description=__doc__)
+    from harness.bench import build_parser as bench_parser
+
+    parser = OneLineParser(prog="fusedgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     dtypes = ["float32", "bfloat16", "float16"]
 
@@ -182,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     ref.set_defaults(run=_reference_table)
 
     align = commands.add_parser("align", help="alignment matrix of every available path against the reference")
-    align.add_argument("--path", action="append", help="repeatable; default: every available path")
+    align.add_argument(
+        "--path", action="append", choices=sorted(PATHS), help="repeatable; default: every available path"
+    )
     align.add_argument("--preset", action="append", choices=sorted(ALL_CONFIGS))
     align.add_argument("--dtype", action="append", choices=dtypes, default=None)
     align.add_argument("--tokens", type=_token_list, default=[1, 7, 128, 1000])
@@ -202,14 +291,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--align-tokens", type=_token_list, default=[1, 7, 128])
     report.add_argument("--repeats", type=int, default=15)
-    report.add_argument("--compare", default="", help="an earlier report folder: adds a regression table")
+    report.add_argument(
+        "--compare",
+        default="",
+        help="an earlier report folder: adds a regression table (same card) or the cross-card table (another card)",
+    )
     report.set_defaults(run=_report)
 
     cross = commands.add_parser("crossover", help="sweep pairs of paths and report where they cross")
-    cross.add_argument("--pair", action="append", help="CANDIDATE:BASELINE, repeatable")
+    cross.add_argument("--pair", action="append", type=_pair, help="CANDIDATE:BASELINE, repeatable")
     cross.add_argument("--preset", action="append", choices=sorted(ALL_CONFIGS))
     cross.add_argument("--dtype", choices=dtypes, default="bfloat16")
-    cross.add_argument("--tokens", type=_positive_token_list, default=[2**i for i in range(17)])
+    cross.add_argument(
+        "--tokens",
+        type=_positive_token_list,
+        default=None,
+        help="default: powers of 2 up to 65536 on a GPU, of 4 up to 4096 on the CPU (as report)",
+    )
     cross.add_argument("--repeats", type=int, default=15)
     cross.set_defaults(run=_crossover)
 
@@ -254,9 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.set_defaults(run=_loadtest)
 
-    bench = commands.add_parser("bench", help="every GPU path side by side (arguments as harness.bench)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench = commands.add_parser(
+        "bench", parents=[bench_parser(add_help=False)], help="every GPU path side by side, hot and cold L2"
+    )
     bench.set_defaults(run=_bench)
+
+    compare = commands.add_parser("compare", help="the cross-card table of two report folders")
+    compare.add_argument("old", help="a report folder (holding results.csv), e.g. the H100 one under reports/")
+    compare.add_argument("new", help="another report folder")
+    compare.add_argument("--out", default="", help="write the markdown table here instead of stdout")
+    compare.set_defaults(run=_compare)
     return parser
 
 

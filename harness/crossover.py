@@ -38,6 +38,11 @@ class Crossover:
     at_tokens: float
     direction: str  # "candidate stops winning" or "candidate starts winning"
 
+    @property
+    def label(self) -> str:
+        """Where it crosses and the band of token counts it lies in, for a plot."""
+        return f"T≈{self.at_tokens:.0f} [{self.low_tokens}, {self.high_tokens}]"
+
 
 def speedup_band(
     baseline: Sequence[float], candidate: Sequence[float], tokens: int, resamples: int = 2000, seed: int = 0

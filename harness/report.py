@@ -14,18 +14,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness import causes
 from harness.align import run_alignment
 from harness.bench import latency_row
+from harness.compare import card_of, cross_card_table
 from harness.crossover import BOOTSTRAP_METHOD, describe
 from harness.paths import CPU_PATHS, GPU_PATHS, cuda_reason
 from harness.plots import plot_grid, plot_preset
+from harness.progress import Progress
 from harness.results import git_commit, read_csv, write_csv
-from harness.sweep import DEFAULT_CPU_PAIRS, DEFAULT_GPU_PAIRS, run_sweep
-from harness.timing import Timing
+from harness.sweep import CPU_LAUNCHES, DEFAULT_CPU_PAIRS, DEFAULT_GPU_PAIRS, GPU_LAUNCHES, SweepResult, run_sweep
 from op.configs import ALL_CONFIGS
 
 REGRESSION_TOLERANCE = 0.05
-# Token counts at which the report times every launch kind and L2 mode (the sweep itself is hot graph replays).
+# Token counts at which the report times cold L2 in both launch kinds (the sweep itself is hot L2).
 MODE_TOKENS = (1, 64, 1024, 8192, 65536)
 MODE_PATHS = ("fused", "fused_noscores", "two_kernel", "fused_block")
 
@@ -89,11 +91,12 @@ def _gpu_modes(
     tokens: Sequence[int],
     repeats: int,
     context: dict,
-    sweep: dict[str, dict[str, dict[int, Timing]]],
+    sweeps: dict[str, SweepResult],
     progress,
 ) -> tuple[list[dict], list[str], list[str]]:
-    """Eager and cold-L2 timings at a few token counts, each path's fraction of the bandwidth floor, and the
-    harness's own overhead: the rows, a markdown section of them, and an overhead section."""
+    """Cold-L2 timings in both launch kinds at a few token counts beside the sweep's hot ones, each path's
+    fraction of the bandwidth floor, and the harness's own overhead: the rows, a markdown section of them, and
+    an overhead section."""
     import torch
 
     from harness.bench import floor_us, measure
@@ -110,7 +113,7 @@ def _gpu_modes(
             f"µs per call (median of {repeats}); `graph` = a CUDA graph of 20 back-to-back calls, `eager` = 20 eager "
             f"calls; `cold` rotates inputs totalling at least 2x the L2 ({l2_bytes() / 2**20:.0f} MiB); floor = bytes "
             f"that must move / measured copy bandwidth ({bandwidth / 1e12:.2f} TB/s, read + write); floor fraction is "
-            "cold graph only. The hot graph column is the sweep's.",
+            "cold graph only. The hot columns are the sweep's.",
             "",
             "| preset | T | path | hot graph | cold graph | hot eager | cold eager | floor fraction (cold graph) |",
             "|---|---|---|---|---|---|---|---|",
@@ -119,23 +122,21 @@ def _gpu_modes(
     for preset in presets:
         for t in points:
             progress(f"modes {preset} T={t}")
-            results = {}
-            for l2, launches in (("cold", ["graph", "eager"]), ("hot", ["eager"])):
-                result, new_rows = measure(
-                    preset, t, MODE_PATHS, [l2], launches, dtype, repeats, generator, flush, bandwidth, context
-                )
-                results |= result
-                rows += new_rows
+            launches = ["graph", "eager"]
+            results, new_rows = measure(
+                preset, t, MODE_PATHS, ["cold"], launches, dtype, repeats, generator, flush, bandwidth, context
+            )
+            rows += new_rows
             config = ALL_CONFIGS[preset]
             elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
             for path in MODE_PATHS:
                 scores = not path.endswith("_noscores")
-                hot = sweep[preset].get(path, {}).get(t)
+                hot = {launch: sweeps[preset].timings[launch].get(path, {}).get(t) for launch in ("graph", "eager")}
                 floor = floor_us(t, config.num_experts, config.top_k, elem, scores, bandwidth)
                 cold_graph = results[(path, "cold", "graph")].p50
                 lines.append(
-                    f"| {preset} | {t} | {path} | {f'{hot.p50:.2f}' if hot else '-'} | {cold_graph:.2f} "
-                    f"| {results[(path, 'hot', 'eager')].p50:.2f} | {results[(path, 'cold', 'eager')].p50:.2f} "
+                    f"| {preset} | {t} | {path} | {causes.median_text(hot['graph'])} | {cold_graph:.2f} "
+                    f"| {causes.median_text(hot['eager'])} | {results[(path, 'cold', 'eager')].p50:.2f} "
                     f"| {floor / cold_graph:.3g} |"
                 )
     overhead = [
@@ -150,17 +151,6 @@ def _gpu_modes(
     for what, timing in harness_overhead(repeats).items():
         overhead.append(f"| {what} | {timing.p25:.3f} | {timing.p50:.3f} | {timing.p75:.3f} |")
     return rows, [*lines, ""], [*overhead, ""]
-
-
-class _Progress:
-    """A one-line progress counter on stderr."""
-
-    def __init__(self, total: int):
-        self.total, self.done = max(total, 1), 0
-
-    def __call__(self, what: str) -> None:
-        self.done += 1
-        print(f"\r[{min(self.done, self.total)}/{self.total}] {what[:70]:<70}", end="", file=sys.stderr, flush=True)
 
 
 def run_report(
@@ -184,8 +174,11 @@ def run_report(
         skipped.append(f"GPU paths {', '.join(GPU_PATHS)} in alignment and timing: {cuda_reason()}")
         skipped.append("graph-replayed and cold-L2 timing, bandwidth-floor fractions: need a CUDA GPU")
     pairs = DEFAULT_GPU_PAIRS if on_gpu else DEFAULT_CPU_PAIRS
-    progress = _Progress(
-        len(presets) * (len(align_tokens) * 6 * len(paths) + len(tokens) * 4 + (len(MODE_TOKENS) if on_gpu else 0))
+    launches = GPU_LAUNCHES if on_gpu else CPU_LAUNCHES
+    sweep_paths = len({p for pair in pairs for p in pair})
+    modes = len([t for t in MODE_TOKENS if t <= max(tokens)]) if on_gpu else 0
+    progress = Progress(
+        len(presets) * (len(align_tokens) * 6 * len(paths) + len(tokens) * sweep_paths * len(launches) + modes)
     )
 
     align = run_alignment(
@@ -194,30 +187,34 @@ def run_report(
     skipped += [f"alignment of {name}: {reason}" for name, reason in align.skipped.items()]
     rows = list(align.rows)
     context = {"card": card, "timestamp": stamp, "commit": env["commit"]}
-    crossover_lines, bands_by_preset, sweep = [], {}, {}
+    crossover_lines, sweeps = [], {}
+    l2 = "hot" if on_gpu else ""
     for preset in presets:
         config = ALL_CONFIGS[preset]
-        timings, bands = run_sweep(preset, dtype, tokens, pairs, on_gpu, repeats=repeats, progress=progress)
-        sweep[preset] = timings
-        for path, per_t in timings.items():
+        sweep = sweeps[preset] = run_sweep(preset, dtype, tokens, pairs, on_gpu, repeats=repeats, progress=progress)
+        for launch, per_path in sweep.timings.items():
+            for path, per_t in per_path.items():
+                for t, timing in sorted(per_t.items()):
+                    rows.append(latency_row(path, preset, config, dtype, t, True, l2, launch, timing, context))
+        for path, per_t in sweep.host.items():
             for t, timing in sorted(per_t.items()):
-                l2, launch = ("hot", "graph") if on_gpu else ("", "host")
-                rows.append(latency_row(path, preset, config, dtype, t, True, l2, launch, timing, context))
-        for pair, pair_bands in bands.items():
-            candidate, baseline = pair.split(" vs ")
-            crossover_lines.append(
-                f"| {preset} | {candidate} | {baseline} | {describe(pair_bands, candidate, baseline)} |"
-            )
-        bands_by_preset[preset] = bands
+                row = latency_row(path, preset, config, dtype, t, True, l2, "eager", timing, context)
+                rows.append(row | {"metric": "host_per_call"})
+        for launch, pairs_bands in sweep.bands.items():
+            for pair, pair_bands in pairs_bands.items():
+                candidate, baseline = pair.split(" vs ")
+                crossover_lines.append(
+                    f"| {preset} | {launch} | {candidate} | {baseline} | {describe(pair_bands, candidate, baseline)} |"
+                )
     mode_lines, overhead_lines = [], []
     if on_gpu:
-        mode_rows, mode_lines, overhead_lines = _gpu_modes(presets, dtype, tokens, repeats, context, sweep, progress)
+        mode_rows, mode_lines, overhead_lines = _gpu_modes(presets, dtype, tokens, repeats, context, sweeps, progress)
         rows += mode_rows
-    print(file=sys.stderr)
+    progress.close()
     plots = []
     for preset in presets:
-        plots += plot_preset(rows, bands_by_preset[preset], preset, dtype, card, folder)
-    plots += plot_grid(bands_by_preset, dtype, card, folder)
+        plots += plot_preset(rows, sweeps[preset].bands, preset, dtype, card, folder)
+    plots += plot_grid({preset: sweep.bands for preset, sweep in sweeps.items()}, dtype, card, folder)
 
     write_csv(folder / "results.csv", rows)
     (folder / "align.md").write_text(align.table + "\n")
@@ -233,22 +230,26 @@ def run_report(
         f"Speedup = baseline / candidate; 95% band by {BOOTSTRAP_METHOD}, n = {repeats} "
         "repeats per point; a crossover is reported only where the band excludes 1.0 on both sides.",
         "",
-        "| preset | candidate | baseline | result |",
-        "|---|---|---|---|",
+        "| preset | launch | candidate | baseline | result |",
+        "|---|---|---|---|---|",
         *crossover_lines,
         "",
     ]
+    lines += causes.section(sweeps)
     lines += mode_lines + overhead_lines
     lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots if p.suffix == ".png"], ""]
     if compare is not None:
         old = read_csv(compare / "results.csv")
-        slower = regressions(old, rows)
-        lines += [f"## Regressions against `{compare}`", ""]
-        lines += (
-            ["| path | preset | T | old µs | new µs | ratio |", "|---|---|---|---|---|---|", *slower]
-            if slower
-            else ["none beyond 5% and the interquartile noise band"]
-        )
+        if card_of(old) == card:
+            slower = regressions(old, rows)
+            lines += [f"## Regressions against `{compare}`", ""]
+            lines += (
+                ["| path | preset | T | old µs | new µs | ratio |", "|---|---|---|---|---|---|", *slower]
+                if slower
+                else ["none beyond 5% and the interquartile noise band"]
+            )
+        else:
+            lines += [f"## Against `{compare}` ({card_of(old)})", "", *cross_card_table(old, rows)]
         lines.append("")
     (folder / "report.md").write_text("\n".join(lines))
     return folder

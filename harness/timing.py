@@ -137,22 +137,36 @@ def time_graph(
 
 def time_eager(call: Callable[[int], object], input_sets: int, name: str, calls: int = 20, repeats: int = 30) -> Timing:
     """Per-call µs of ``calls`` back-to-back eager calls (host launch cost included)."""
+    return time_eager_with_host(call, input_sets, name, calls, repeats)[0]
+
+
+def time_eager_with_host(
+    call: Callable[[int], object], input_sets: int, name: str, calls: int = 20, repeats: int = 30
+) -> tuple[Timing, Timing]:
+    """Per-call µs of ``calls`` back-to-back eager calls, and the host's µs per call to issue them.
+
+    The host figure is the wall time of the issuing loop alone (launches are asynchronous, so it ends before
+    the GPU does): what one eager call costs the host however short its kernels. Back-to-back eager calls take
+    about the larger of it and the GPU time per call.
+    """
     import torch
 
     for i in range(input_sets):
         call(i)
     torch.cuda.synchronize()
-    samples = []
+    samples, host = [], []
     with nvtx.annotate(name, domain=NVTX_DOMAIN):
         for _ in range(repeats):
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            issue = time.perf_counter()
             for i in range(calls):
                 call(i % input_sets)
+            host.append((time.perf_counter() - issue) * 1e6 / calls)
             stop.record()
             stop.synchronize()
             samples.append(start.elapsed_time(stop) * 1e3 / calls)
-    return quartiles(samples)
+    return quartiles(samples), quartiles(host)
 
 
 def harness_overhead(repeats: int = 30) -> dict[str, Timing]:

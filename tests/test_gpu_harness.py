@@ -20,7 +20,10 @@ def test_short_gpu_report_end_to_end(tmp_path):
     (folder,) = tmp_path.iterdir()
     text = (folder / "report.md").read_text()
     assert "every case passed" in text and "## Crossovers" in text and "## Harness overhead" in text
-    assert "| glm45_air | fused | two_kernel |" in text and "| glm45_air | fused_block | two_kernel |" in text
+    for launch in ("graph", "eager"):
+        assert f"| glm45_air | {launch} | fused | two_kernel |" in text
+        assert f"| glm45_air | {launch} | fused_block | two_kernel |" in text
+    assert "## What sets each crossover" in text and "fused_block host" in text
     with open(folder / "results.csv", newline="") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == CSV_COLUMNS
@@ -28,6 +31,8 @@ def test_short_gpu_report_end_to_end(tmp_path):
     timed = {(r["path"], r["l2"], r["launch"]) for r in rows if r["metric"] == "latency"}
     for path in ("fused", "two_kernel", "fused_block"):
         assert {(path, "hot", "graph"), (path, "cold", "graph"), (path, "hot", "eager")} <= timed
+    hosts = [float(r["p50"]) for r in rows if r["metric"] == "host_per_call"]
+    assert hosts and all(0 < h < 1000 for h in hosts)
     fractions = [float(r["p50"]) for r in rows if r["metric"] == "floor_fraction"]
     assert fractions and all(0 < f < 1.5 for f in fractions)
     assert {r["path"] for r in rows if r["metric"] == "mismatches"} >= {"fused", "two_kernel", "fused_block"}

@@ -84,7 +84,29 @@ def test_regressions_flag_only_slower_beyond_noise():
     assert regressions(old, [noisy]) == []
 
 
-def test_plots_have_labelled_axes(tmp_path):
+def _capture_figures(monkeypatch):
+    from harness import plots
+
+    captured = []
+    original = plots._save
+
+    def keep(fig, out_dir, stem):
+        captured.append(fig.axes)
+        return original(fig, out_dir, stem)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return captured
+
+
+def crossing_bands(seed):
+    """Eager: the candidate stops winning between T=64 and T=256; graph: it never wins."""
+    return {
+        "graph": {"a vs b": bands_from([0.5, 0.5, 0.5, 0.5, 0.4, 0.4, 0.3], 0.01, seed)},
+        "eager": {"a vs b": bands_from([3, 2.5, 2, 1.5, 0.7, 0.5, 0.4], 0.01, seed)},
+    }
+
+
+def test_plots_have_labelled_axes_bands_and_labelled_crossovers(tmp_path, monkeypatch, seed):
     import matplotlib.pyplot as plt
 
     from harness import plots
@@ -99,28 +121,27 @@ def test_plots_have_labelled_axes(tmp_path):
             "p50": v,
             "p75": v * 1.1,
             "l2": "",
-            "launch": "",
+            "launch": launch,
         }
         for p, f in (("a", 1.0), ("b", 2.0))
+        for launch in ("graph", "eager")
         for t, v in ((1, f), (64, 4 * f), (4096, 100 * f))
     ]
-    bands = {"a vs b": [Band(1, 1.5, 2, 2.5, 5), Band(64, 1.5, 2, 2.5, 5), Band(4096, 1.5, 2, 2.5, 5)]}
-    captured = []
-    original = plots._save
-
-    def keep(fig, out_dir, stem):
-        captured.append([(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes])
-        return original(fig, out_dir, stem)
-
-    plots._save = keep
-    try:
-        files = plots.plot_preset(rows, bands, "x", "bfloat16", "cpu", tmp_path)
-    finally:
-        plots._save = original
+    captured = _capture_figures(monkeypatch)
+    files = plots.plot_preset(rows, crossing_bands(seed), "x", "bfloat16", "cpu", tmp_path)
+    files += plots.plot_grid({"x": crossing_bands(seed), "y": crossing_bands(seed)}, "bfloat16", "cpu", tmp_path)
     assert {f.suffix for f in files} == {".png", ".svg"} and all(f.stat().st_size > 0 for f in files)
-    labels = captured[0]
+    preset_axes, grid_axes = captured
+    labels = [(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in preset_axes]
     assert ("tokens T", "latency per call (µs)", "latency") in labels
-    assert any(y.startswith("speedup") for _, y, _ in labels)
+    latency_legend = [t.get_text() for t in preset_axes[0].get_legend().get_texts()]
+    assert any("eager" in t for t in latency_legend) and any("graph" in t for t in latency_legend)
+    for speed_ax in (preset_axes[1], grid_axes[0], grid_axes[1]):
+        assert speed_ax.get_yscale() == "log" and "log scale" in grid_axes[0].get_ylabel()
+        # One shaded bootstrap band per pair and launch kind, one labelled crossover (eager only).
+        assert len([c for c in speed_ax.collections if c.get_label().startswith("_")]) >= 2
+        (note,) = [t.get_text() for t in speed_ax.texts]
+        assert note.startswith("T≈") and "[64, 256]" in note and note.endswith("eager")
     plt.close("all")
 
 
@@ -148,12 +169,14 @@ def test_cpu_report_completes_and_lists_what_it_skipped(tmp_path):
     (folder,) = tmp_path.iterdir()
     text = (folder / "report.md").read_text()
     assert "## Skipped" in text and "GPU paths" in text and "every case passed" in text
+    assert "| glm45_air | eager | cpu_kernel | composite_torch |" in text and "## What sets each crossover" in text
     with open(folder / "results.csv", newline="") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == CSV_COLUMNS
         rows = list(reader)
     assert {r["metric"] for r in rows} >= {"latency", "mismatches", "max_rel_weight_error"}
     assert {r["path"] for r in rows} >= {"reference", "cpu_kernel", "composite_torch"}
+    assert {r["launch"] for r in rows if r["metric"] == "latency"} == {"eager"}
     assert (folder / "glm45_air-bfloat16.png").exists() and (folder / "summary-bfloat16.svg").exists()
 
 
