@@ -162,6 +162,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     }
   }
   const int device = logits.device().device_id;
+  const DeviceGuard guard(device);
   const size_t smem = round_up4(static_cast<int>(experts)) * sizeof(float) + stage_bytes(p);
   cudaStream_t stream = current_stream(logits);
   dispatch_vpt(p.vpt, [&](auto cap) {
