@@ -11,7 +11,7 @@ from harness.inputs import generate_input
 from op import api, grouped_topk, noaux_tc
 from op.build import library
 from op.configs import PRESETS
-from op.frameworks import ALIGNMENT, torch_one_buffer
+from op.frameworks import torch_one_buffer
 
 torch = pytest.importorskip("torch")
 
@@ -103,7 +103,7 @@ def test_one_buffer_outputs_are_aligned_disjoint_and_routable(rows, experts, top
     spans = []
     for tensor, (shape, dtype) in zip(pieces, specs, strict=True):
         assert tuple(tensor.shape) == shape and tensor.dtype == getattr(torch, dtype) and tensor.is_contiguous()
-        assert tensor.data_ptr() % ALIGNMENT == 0
+        assert tensor.data_ptr() % 16 == 0  # the kernels load and store 16 bytes wide
         spans.append((tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()))
     spans.sort()
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
