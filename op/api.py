@@ -90,13 +90,17 @@ def _routing_args(n_group, topk_group, top_k, renormalize, scale) -> tuple:
     return int(n_group), int(topk_group), int(top_k), bool(renormalize), float(scale)
 
 
-def _take_out(out: Any, count: int, names: tuple[str, ...]) -> tuple:
-    if not isinstance(out, tuple | list) or len(out) != count:
-        raise ValueError(f"out must be a tuple of {count} tensors: {', '.join(names)}")
-    for tensor, name in zip(out, names, strict=True):
-        if tensor is None and name != "scores":
-            raise ValueError(f"out: {name} is None")
-    return tuple(out)
+def _take_out(out: Any) -> tuple:
+    """``out`` as a tuple ``(scores or None, topk_values, topk_indices)``; the library checks the tensors."""
+    if type(out) is not tuple:
+        if not isinstance(out, list):
+            raise ValueError("out must be a tuple of 3 tensors: scores, topk_values, topk_indices")
+        out = tuple(out)
+    if len(out) != 3:
+        raise ValueError("out must be a tuple of 3 tensors: scores, topk_values, topk_indices")
+    if out[1] is None or out[2] is None:
+        raise ValueError(f"out: {'topk_values' if out[1] is None else 'topk_indices'} is None")
+    return out
 
 
 def _specs_topk(rows: int, top_k: int, index_dtype: str) -> list:
@@ -130,10 +134,8 @@ def _out_checker(adapter, ids_dtype: Any, specs: list) -> Callable[[tuple], tupl
     return check
 
 
-def _host_input(framework: str, dtype: Any) -> Callable[[Any], Any]:
-    """What a CPU input goes through before the library sees it."""
-    if framework != "numpy":
-        return lambda tensor: tensor
+def _host_input(dtype: Any) -> Callable[[Any], Any]:
+    """What a numpy input goes through before the library sees it."""
     # numpy's DLPack export knows no bfloat16; the widening to float32 is exact.
     if dtype_name(dtype) == "bfloat16":
         return lambda tensor: np.asarray(tensor, dtype=np.float32)
@@ -174,20 +176,25 @@ def _fused_plan(entry, need_cuda, x, bias, n_group, topk_group, top_k, renormali
         return run
 
     launch = library().cpu_grouped_topk
-    to_host = _host_input(adapter.framework, x.dtype)
-    bias_to_host = _host_input(adapter.framework, bias.dtype)
+    if adapter.framework == "numpy":
+        to_host, bias_to_host = _host_input(x.dtype), _host_input(bias.dtype)
+        launch_cpu = library().cpu_grouped_topk
+
+        def launch(x, bias, *rest):
+            return launch_cpu(to_host(x), bias_to_host(bias), *rest)
+
     if scores:
 
         def run_cpu(x, bias, num_tokens, out):
             s, v, i = allocate() if out is None else check_out(out)
-            launch(to_host(x), bias_to_host(bias), s, v, i, *args)
+            launch(x, bias, s, v, i, *args)
             return s, v, i
 
         return run_cpu
 
     def run_cpu_without_scores(x, bias, num_tokens, out):
         v, i = allocate() if out is None else check_out(out)[1:]
-        launch(to_host(x), bias_to_host(bias), None, v, i, *args)
+        launch(x, bias, None, v, i, *args)
         return None, v, i
 
     return run_cpu_without_scores
@@ -244,7 +251,7 @@ def _single_launch(entry: str, need_cuda: bool, name: str):
         except (AttributeError, TypeError):
             key, plan = None, None
         if out is not None:
-            out = _take_out(out, 3, ("scores", "topk_values", "topk_indices"))
+            out = _take_out(out)
         if plan is None:
             plan = _fused_plan(
                 entry, need_cuda, gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
@@ -473,7 +480,7 @@ def two_kernel_grouped_topk(
     except (AttributeError, TypeError):
         key, plan = None, None
     if out is not None:
-        out = _take_out(out, 3, ("scores", "topk_values", "topk_indices"))
+        out = _take_out(out)
     if plan is None:
         plan = _two_kernel_plan(
             gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor,
