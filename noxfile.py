@@ -90,6 +90,19 @@ def bench(session: nox.Session) -> None:
     session.run("python3", "-m", "harness.bench", *args, env=GPU_ENV)
 
 
+@nox.session(venv_backend=HARNESS_BACKEND)
+def hostcost(session: nox.Session) -> None:
+    """Host cost per call of the front-end and the graph runner beside torch.sigmoid, on GPU (where present) and
+    CPU tensors, targets marked met or missed: ``nox -s hostcost -- --out reports/<folder>``."""
+    args = session.posargs or ["--out", "reports/hostcost"]
+    if HARNESS_BACKEND == "none":
+        session.run("python3", "-m", "op.build", env=GPU_ENV)
+        session.run("python3", "-m", "harness.hostcost", *args, env=GPU_ENV)
+    else:
+        _install_project(session)
+        session.run("python", "-m", "harness.hostcost", *args)
+
+
 def _harness(session: nox.Session, *args: str, posargs: bool = True) -> None:
     extra = session.posargs if posargs else []
     if HARNESS_BACKEND == "none":
