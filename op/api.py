@@ -34,6 +34,15 @@ def _torch_compiling() -> bool:
     return torch is not None and torch.compiler.is_compiling()
 
 
+def _lookup_hashable(key: tuple) -> tuple:
+    """The look-up for a key holding an unhashable shape (Paddle's): the same key with shapes as tuples."""
+    key = tuple(tuple(part) if type(part).__name__ == "Size" else part for part in key)
+    try:
+        return key, _plans.get(key)
+    except TypeError:
+        return None, None
+
+
 def _keep(key: tuple, plan: Callable[..., tuple]) -> Callable[..., tuple]:
     if len(_plans) >= MAX_PLANS:
         _plans.clear()
@@ -247,9 +256,12 @@ def _single_launch(entry: str, need_cuda: bool, name: str):
                 type(return_scores),
                 num_tokens is None,
             )
+        except AttributeError:
+            key = None  # not a tensor: building the plan names the argument
+        try:
             plan = _plans.get(key)
-        except (AttributeError, TypeError):
-            key, plan = None, None
+        except TypeError:
+            key, plan = _lookup_hashable(key)
         if out is not None:
             out = _take_out(out)
         if plan is None:
@@ -310,9 +322,12 @@ def cast_sigmoid_bias(gating_output: Any, e_score_correction_bias: Any, *, num_t
             e_score_correction_bias.dtype,
             num_tokens is None,
         )
+    except AttributeError:
+        key = None  # not a tensor: building the plan names the argument
+    try:
         plan = _plans.get(key)
-    except (AttributeError, TypeError):
-        key, plan = None, None
+    except TypeError:
+        key, plan = _lookup_hashable(key)
     if plan is None:
         plan = _cast_plan(gating_output, e_score_correction_bias, num_tokens)
         if key is not None:
@@ -388,9 +403,12 @@ def noaux_tc(
             index_dtype,
             num_tokens is None,
         )
+    except AttributeError:
+        key = None  # not a tensor: building the plan names the argument
+    try:
         plan = _plans.get(key)
-    except (AttributeError, TypeError):
-        key, plan = None, None
+    except TypeError:
+        key, plan = _lookup_hashable(key)
     if plan is None:
         plan = _noaux_plan(
             scores, scores_with_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype,
@@ -476,9 +494,12 @@ def two_kernel_grouped_topk(
             type(return_scores),
             num_tokens is None,
         )
+    except AttributeError:
+        key = None  # not a tensor: building the plan names the argument
+    try:
         plan = _plans.get(key)
-    except (AttributeError, TypeError):
-        key, plan = None, None
+    except TypeError:
+        key, plan = _lookup_hashable(key)
     if out is not None:
         out = _take_out(out)
     if plan is None:

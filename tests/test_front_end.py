@@ -167,3 +167,17 @@ def test_the_library_reads_from_the_dlpack_byte_offset(seed):
     _, expected_values, expected_ids = grouped_topk(x, bias, *DEEPSEEK.args())
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_array_equal(values, expected_values)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "paddle"])
+def test_a_signature_builds_its_plan_once(framework, monkeypatch, seed):
+    paddle = pytest.importorskip("paddle") if framework == "paddle" else None
+    convert = {"numpy": lambda a: a, "torch": torch.from_numpy, "paddle": lambda a: paddle.to_tensor(a)}[framework]
+    builds = []
+    build = api._fused_plan
+    monkeypatch.setattr(api, "_plans", {})
+    monkeypatch.setattr(api, "_fused_plan", lambda *a: builds.append(a[0]) or build(*a))
+    for step in range(3):
+        x, bias = generate_input(DEEPSEEK, 4, "float32", seed + step)
+        grouped_topk(convert(x), convert(bias), *DEEPSEEK.args())
+    assert builds == ["fused_grouped_topk"]
