@@ -171,8 +171,10 @@ def test_the_library_reads_from_the_dlpack_byte_offset(seed):
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "paddle"])
 def test_a_signature_builds_its_plan_once(framework, monkeypatch, seed):
-    paddle = pytest.importorskip("paddle") if framework == "paddle" else None
-    convert = {"numpy": lambda a: a, "torch": torch.from_numpy, "paddle": lambda a: paddle.to_tensor(a)}[framework]
+    if framework == "paddle":
+        convert = pytest.importorskip("paddle").to_tensor
+    else:
+        convert = torch.from_numpy if framework == "torch" else np.asarray
     builds = []
     build = api._fused_plan
     monkeypatch.setattr(api, "_plans", {})
