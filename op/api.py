@@ -172,7 +172,12 @@ def _fused_plan(entry, need_cuda, x, bias, n_group, topk_group, top_k, renormali
         return fresh if scores else (None, *fresh)
 
     if rows == 0:
-        return lambda x, bias, num_tokens, out: split(allocate()) if out is None else check_out(out)
+
+        def run_empty(x, bias, num_tokens, out):
+            s, v, i = split(allocate()) if out is None else check_out(out)
+            return (s if scores else None), v, i
+
+        return run_empty
 
     if adapter.cuda:
         launch = adapter.on_stream(getattr(library(), entry))
@@ -184,13 +189,15 @@ def _fused_plan(entry, need_cuda, x, bias, n_group, topk_group, top_k, renormali
 
         return run
 
-    launch = library().cpu_grouped_topk
+    launch_cpu = library().cpu_grouped_topk
     if adapter.framework == "numpy":
         to_host, bias_to_host = _host_input(x.dtype), _host_input(bias.dtype)
-        launch_cpu = library().cpu_grouped_topk
 
         def launch(x, bias, *rest):
             return launch_cpu(to_host(x), bias_to_host(bias), *rest)
+
+    else:
+        launch = launch_cpu
 
     if scores:
 

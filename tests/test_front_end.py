@@ -183,3 +183,11 @@ def test_a_signature_builds_its_plan_once(framework, monkeypatch, seed):
         x, bias = generate_input(DEEPSEEK, 4, "float32", seed + step)
         grouped_topk(convert(x), convert(bias), *DEEPSEEK.args())
     assert builds == ["fused_grouped_topk"]
+
+
+def test_no_scores_with_out_returns_none_for_scores_even_at_zero_tokens(seed):
+    for tokens in (0, 3):
+        x, bias = generate_input(DEEPSEEK, tokens, "float32", seed)
+        out = (np.empty((tokens, 256), np.float32), np.empty((tokens, 8), np.float32), np.empty((tokens, 8), np.int64))
+        scores, values, ids = grouped_topk(x, bias, *DEEPSEEK.args(), return_scores=False, out=out)
+        assert scores is None and values is out[1] and ids is out[2]
