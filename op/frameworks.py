@@ -172,9 +172,10 @@ def paddle_stream(paddle: Any, place: Any) -> int:
 def _paddle(tensor: Any) -> Adapter:
     import paddle
 
-    place = tensor.place
-    cuda = place.is_gpu_place()
-    device_id = place.gpu_device_id() if cuda else 0
+    cuda = tensor.place.is_gpu_place()
+    device_id = tensor.place.gpu_device_id() if cuda else 0
+    # A tensor's place is a generic Place, which paddle.device.current_stream does not take: it wants a CUDAPlace.
+    place = paddle.CUDAPlace(device_id) if cuda else tensor.place
 
     def allocator(specs: Sequence[OutputSpec]) -> Callable[[], tuple]:
         # Paddle has no cheap reinterpreting view between float32 and int64, so each output is its own tensor.

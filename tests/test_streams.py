@@ -51,6 +51,8 @@ class StandInTensor:
 def test_paddle_branch_launches_on_paddle_s_stream_for_the_tensor_s_device(monkeypatch, handle, dlpack_stream):
     asked, exports, seen = [], [], []
     monkeypatch.setattr(paddle.device, "current_stream", lambda place: asked.append(place) or StandInStream(handle))
+    # A CPU build cannot make a CUDAPlace; the stand-in records which device the branch names.
+    monkeypatch.setattr(paddle, "CUDAPlace", lambda device_id: ("CUDAPlace", device_id))
     place = StandInPlace(1)
     x = StandInTensor(np.zeros((2, 8), np.float32), place, exports)
     out = StandInTensor(np.zeros((2, 2), np.float32), place, exports)
@@ -63,7 +65,7 @@ def test_paddle_branch_launches_on_paddle_s_stream_for_the_tensor_s_device(monke
     adapter = frameworks.adapter_for(x)
     assert adapter.framework == "paddle" and adapter.cuda and adapter.device_id == 1
     adapter.on_stream(library_entry)(x, out, None, 8, 2.5)
-    assert asked == [place]
+    assert asked == [("CUDAPlace", 1)]
     assert exports == [dlpack_stream, dlpack_stream]
     assert seen == [(handle, ["Tensor", "Tensor", "NoneType", "int", "float"])]
     assert tvm_ffi.get_raw_stream(device) == before
