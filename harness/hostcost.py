@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import time
@@ -115,7 +116,9 @@ def _library_call(cuda: bool, x, bias, out, args) -> Callable[[], object]:
     return lambda: entry(x, bias, *out, *args)
 
 
-def _time_rows(rows: list[Row], sync: Callable[[], None], calls: int, repeats: int) -> dict[str, list[float]]:
+def _time_rows(
+    rows: list[Row], sync: Callable[[], None], calls: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {row.name: [] for row in rows}
     loops = {row.name: row.loop or _repeat(row.call) for row in rows}
     for loop in loops.values():
@@ -123,10 +126,10 @@ def _time_rows(rows: list[Row], sync: Callable[[], None], calls: int, repeats: i
     sync()
     for _ in range(repeats):
         for name, loop in loops.items():
-            start = time.perf_counter()
+            start = clock()
             loop(calls)
             sync()
-            samples[name].append((time.perf_counter() - start) * 1e6 / calls)
+            samples[name].append((clock() - start) * 1e6 / calls)
     return samples
 
 
@@ -138,21 +141,27 @@ def _repeat(call: Callable[[], object]) -> Callable[[int], None]:
     return loop
 
 
-def measure(device: str, tokens: int, calls: int, repeats: int) -> list[dict]:
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def measure(device: str, tokens: int, calls: int, repeats: int, clock: str = "wall") -> list[dict]:
     """One table: per row its median µs, and where it has a target, the ratio and whether it is met."""
+    if clock == "thread" and device != "cpu":
+        raise ValueError("clock='thread' counts this thread's CPU time only: allowed for device 'cpu' alone")
     import torch
 
     rows = _rows(torch, device, tokens)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    samples = _time_rows(rows, sync, calls, repeats)
+    samples = _time_rows(rows, sync, calls, repeats, CLOCKS[clock])
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
     table = []
     for row in rows:
         ratio = medians[row.name] / medians[row.baseline] if row.baseline else None
         table.append({
             "device": device,
             "card": card,
+            "clock": clock,
             "preset": PRESET,
             "T": tokens,
             "call": row.name,
@@ -174,7 +183,8 @@ def markdown(table: list[dict]) -> str:
         part = [r for r in table if r["device"] == device]
         first = part[0]
         lines += [
-            f"### {first['card']} ({device} tensors), {first['preset']}, T={first['T']}, bfloat16",
+            f"### {first['card']} ({device} tensors), {first['preset']}, T={first['T']}, bfloat16, "
+            f"{first['clock']} clock",
             "",
             "| call | µs (median) | range | ratio | target | status |",
             "|---|---|---|---|---|---|",
@@ -196,13 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--devices", default="auto", help="'auto' (cuda where present, and cpu), or a list: cuda,cpu")
+    parser.add_argument(
+        "--cpu-clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="clock of the CPU-tensor table: 'thread' counts only this thread's CPU time, steadier on a machine "
+        "shared with other work (GPU tables are always wall-clock)",
+    )
     args = parser.parse_args(argv)
     import torch
 
     devices = args.devices.split(",") if args.devices != "auto" else []
     if not devices:
         devices = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
-    table = [row for device in devices for row in measure(device, args.tokens, args.calls, args.repeats)]
+    table = [
+        row
+        for device in devices
+        for row in measure(device, args.tokens, args.calls, args.repeats, args.cpu_clock if device == "cpu" else "wall")
+    ]
     text = markdown(table)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
