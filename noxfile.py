@@ -163,14 +163,22 @@ def bench(session: nox.Session) -> None:
     session.run("python3", "-m", "harness.bench", *args, env=GPU_ENV)
 
 
-def _harness(session: nox.Session, *args: str, posargs: bool = True) -> None:
+def _harness(session: nox.Session, *args: str, posargs: bool = True, module: str = "harness.cli") -> None:
+    """Run a harness module: in the host's interpreter on a CUDA host, in the shared virtualenv elsewhere."""
     extra = session.posargs if posargs else []
     if ON_CUDA_HOST:
         cuda_host(session)
         session.run("python3", "-m", "op.build", env=GPU_ENV)
-        session.run("python3", "-m", "harness.cli", *args, *extra, env=GPU_ENV)
+        session.run("python3", "-m", module, *args, *extra, env=GPU_ENV)
     else:
-        cpu_venv(session)("fusedgate", *args, *extra)
+        cpu_venv(session)("python", "-m", module, *args, *extra)
+
+
+@nox.session
+def hostcost(session: nox.Session) -> None:
+    """Host cost per call of the front-end and the graph runner beside torch.sigmoid, on GPU (where present) and
+    CPU tensors, targets marked met or missed: ``nox -s hostcost -- --out reports/<folder>``."""
+    _harness(session, *(session.posargs or ["--out", "reports/hostcost"]), posargs=False, module="harness.hostcost")
 
 
 @nox.session

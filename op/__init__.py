@@ -31,5 +31,7 @@ def __getattr__(name: str):
     if name in _KERNEL_ENTRY_POINTS:
         from op import api
 
-        return getattr(api, name)
+        # Bound here once, so later look-ups are plain module attributes, not a call of this function.
+        value = globals()[name] = getattr(api, name)
+        return value
     raise AttributeError(f"module 'op' has no attribute {name!r}")

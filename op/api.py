@@ -3,103 +3,69 @@
 Tensors of PyTorch, Paddle, CuPy or NumPy cross into the library by DLPack (through apache-tvm-ffi); CUDA
 launches go on the caller framework's current stream, so they are captured by its CUDA graphs. CPU tensors
 take the C++ CPU kernel (path ``cpu_kernel``).
+
+Each entry point keeps one plan per call signature: the framework and device, shapes and dtypes, and the
+routing arguments with their types (so ``True`` never finds the plan of ``1``). Building a plan validates
+everything that the signature fixes and raises on bad input (errors are never cached); a call that finds its
+plan allocates the outputs and calls the library. What can change under one signature (contiguity, the
+device of the bias, the outputs given through ``out=``) the library checks at its boundary on every call.
+Inside ``torch.compile`` the entry points call the ``torch.library`` custom ops of ``op.torch_ops`` instead.
 """
 
 from __future__ import annotations
 
-import functools
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from op.build import library
 from op.checks import check_routing_inputs, dtype_name
+from op.frameworks import adapter_for, framework_of, is_contiguous, is_cuda
 
-# Validation depends only on shapes, dtypes and the routing arguments: repeated calls of one signature (the
-# common case in serving) skip it after the first. Errors are raised, never cached.
-_check_cached = functools.lru_cache(maxsize=1024)(check_routing_inputs)
-
-
-@functools.cache
-def _entry(name: str) -> Any:
-    return getattr(library(), name)
+# Plans per signature. Bounded so that a caller cycling through shapes cannot grow it without limit.
+MAX_PLANS = 4096
+_plans: dict[tuple, Callable[..., tuple]] = {}
 
 
-def _framework(tensor: Any) -> str:
-    module = type(tensor).__module__.split(".")[0]
-    if module in ("torch", "paddle", "numpy", "cupy"):
-        return module
-    raise ValueError(
-        f"gating_output of type {type(tensor).__name__} is not supported: pass a torch, paddle, cupy or numpy tensor"
-    )
+def _torch_compiling() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
 
 
-def _is_cuda(tensor: Any, framework: str) -> bool:
-    if framework == "torch":
-        return tensor.is_cuda
-    if framework == "paddle":
-        return tensor.place.is_gpu_place()
-    return framework == "cupy"
+def _lookup_hashable(key: tuple) -> tuple:
+    """The look-up for a key holding an unhashable shape (Paddle's): the same key with shapes as tuples."""
+    key = tuple(tuple(part) if type(part).__name__ == "Size" else part for part in key)
+    try:
+        return key, _plans.get(key)
+    except TypeError:
+        return None, None
 
 
-def _is_contiguous(tensor: Any, framework: str) -> bool:
-    if framework == "numpy":
-        return tensor.flags.c_contiguous
-    if framework == "cupy":
-        return tensor.flags.c_contiguous
-    return tensor.is_contiguous()
+def _keep(key: tuple, plan: Callable[..., tuple]) -> Callable[..., tuple]:
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
 
 
-def _empty(like: Any, framework: str, shape: tuple[int, ...], dtype: str) -> Any:
-    if framework == "torch":
-        import torch
-
-        return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
-    if framework == "paddle":
-        import paddle
-
-        out = paddle.empty(list(shape), dtype=dtype)
-        return out if str(out.place) == str(like.place) else out._copy_to(like.place, True)
-    if framework == "cupy":
-        import cupy
-
-        with cupy.cuda.Device(like.device.id):
-            return cupy.empty(shape, dtype=dtype)
-    return np.empty(shape, dtype=dtype)
-
-
-def _host_friendly(tensor: Any, framework: str) -> Any:
-    # numpy's DLPack export knows no bfloat16; the widening to float32 is exact.
-    if framework == "numpy" and dtype_name(tensor.dtype) == "bfloat16":
-        return np.asarray(tensor, dtype=np.float32)
-    # The kernels only read their inputs, but numpy will not export a read-only array (a buffer received from
-    # the network, say) through the DLPack version the library speaks: hand over a writable copy.
-    if framework == "numpy" and not tensor.flags.writeable:
-        return tensor.copy()
-    return tensor
-
-
-def _check_out(out: Any, like: Any, framework: str, shapes: list[tuple[str, tuple[int, ...], str]]) -> None:
-    if not isinstance(out, tuple | list) or len(out) != len(shapes):
-        raise ValueError(f"out must be a tuple of {len(shapes)} tensors: {', '.join(n for n, _, _ in shapes)}")
-    for tensor, (name, shape, dtype) in zip(out, shapes, strict=True):
-        if tensor is None:
-            if name == "scores":
-                continue
-            raise ValueError(f"out: {name} is None")
-        if tuple(tensor.shape) != shape or dtype_name(tensor.dtype) != dtype:
-            raise ValueError(
-                f"out: {name} has shape {tuple(tensor.shape)} and dtype {dtype_name(tensor.dtype)}, "
-                f"expected {shape} and {dtype}"
-            )
-        if _framework(tensor) != framework or _is_cuda(tensor, framework) != _is_cuda(like, framework):
-            raise ValueError(f"out: {name} must be a {framework} tensor on the device of gating_output")
-
-
-def _prepare(
-    gating_output, bias, n_group, topk_group, top_k, scale, index_dtype, num_tokens, need_cuda, path, bias_shape=None
+def _check_common(
+    gating_output,
+    bias,
+    n_group,
+    topk_group,
+    top_k,
+    scale,
+    index_dtype,
+    num_tokens,
+    need_cuda,
+    path,
+    bias_shape=None,
+    **names,
 ):
-    framework = _framework(gating_output)
+    """Everything a signature fixes; returns the adapter and ``(rows, experts)``."""
+    framework = framework_of(gating_output, names.get("logits_name", "gating_output"))
     rows, experts = check_routing_inputs(
         gating_output.shape,
         gating_output.dtype,
@@ -110,41 +76,147 @@ def _prepare(
         top_k,
         scale,
         index_dtype,
+        **names,
     )
-    if _framework(bias) != framework:
-        raise ValueError("e_score_correction_bias must be a tensor of the same framework as gating_output")
-    if not _is_contiguous(gating_output, framework):
-        raise ValueError("gating_output must be contiguous")
-    cuda = _is_cuda(gating_output, framework)
+    bias_name = names.get("bias_name", "e_score_correction_bias")
+    logits_name = names.get("logits_name", "gating_output")
+    if framework_of(bias, bias_name) != framework:
+        raise ValueError(f"{bias_name} must be a tensor of the same framework as {logits_name}")
+    if not is_contiguous(gating_output, framework):
+        raise ValueError(f"{logits_name} must be contiguous")
+    cuda = is_cuda(gating_output, framework)
     if need_cuda and not cuda:
-        raise ValueError(f"{path} runs on CUDA tensors only; gating_output is on the CPU")
+        raise ValueError(f"{path} runs on CUDA tensors only; {logits_name} is on the CPU")
     if num_tokens is not None:
         if not cuda:
             raise ValueError("num_tokens is supported for CUDA tensors only")
-        if _framework(num_tokens) != framework or dtype_name(num_tokens.dtype) != "int32":
+        if framework_of(num_tokens, "num_tokens") != framework or dtype_name(num_tokens.dtype) != "int32":
             raise ValueError(f"num_tokens must be a {framework} int32 device scalar")
-    return framework, rows, experts, cuda
+    return adapter_for(gating_output), rows, experts
 
 
-def _outputs(gating_output, framework, rows, experts, top_k, index_dtype, with_scores, out):
-    shapes = [
-        ("scores", (rows, experts), "float32"),
-        ("topk_values", (rows, top_k), "float32"),
-        ("topk_indices", (rows, top_k), index_dtype),
-    ]
-    if out is not None:
-        _check_out(out, gating_output, framework, shapes)
-        scores, values, ids = out
-        return (scores if with_scores else None), values, ids
-    scores = _empty(gating_output, framework, shapes[0][1], "float32") if with_scores else None
-    return (
-        scores,
-        _empty(gating_output, framework, shapes[1][1], "float32"),
-        _empty(gating_output, framework, shapes[2][1], index_dtype),
+def _routing_args(n_group, topk_group, top_k, renormalize, scale) -> tuple:
+    return int(n_group), int(topk_group), int(top_k), bool(renormalize), float(scale)
+
+
+def _take_out(out: Any) -> tuple:
+    """``out`` as a tuple ``(scores or None, topk_values, topk_indices)``; the library checks the tensors."""
+    if type(out) is not tuple:
+        if not isinstance(out, list):
+            raise ValueError("out must be a tuple of 3 tensors: scores, topk_values, topk_indices")
+        out = tuple(out)
+    if len(out) != 3:
+        raise ValueError("out must be a tuple of 3 tensors: scores, topk_values, topk_indices")
+    if out[1] is None or out[2] is None:
+        raise ValueError(f"out: {'topk_values' if out[1] is None else 'topk_indices'} is None")
+    return out
+
+
+def _specs_topk(rows: int, top_k: int, index_dtype: str) -> list:
+    return [((rows, top_k), "float32"), ((rows, top_k), index_dtype)]
+
+
+def _out_checker(adapter, ids_dtype: Any, specs: list) -> Callable[[tuple], tuple]:
+    """Checks ``out`` against the plan. The library checks shapes, float dtypes and devices on every call, but it
+    writes int32 or int64 ids alike: the index dtype is compared here, and a mismatch gets the full check."""
+    names = ("scores", "topk_values", "topk_indices")
+
+    def check_fully(out: tuple) -> None:
+        for tensor, name, (shape, dtype) in zip(out, names, specs, strict=True):
+            if tensor is None:
+                continue
+            if tuple(tensor.shape) != shape or dtype_name(tensor.dtype) != dtype:
+                raise ValueError(
+                    f"out: {name} has shape {tuple(tensor.shape)} and dtype {dtype_name(tensor.dtype)}, "
+                    f"expected {shape} and {dtype}"
+                )
+            if framework_of(tensor, f"out: {name}") != adapter.framework or is_cuda(tensor, adapter.framework) != (
+                adapter.cuda
+            ):
+                raise ValueError(f"out: {name} must be a {adapter.framework} tensor on the device of gating_output")
+
+    def check(out: tuple) -> tuple:
+        if out[2].dtype != ids_dtype:
+            check_fully(out)
+        return out
+
+    return check
+
+
+def _host_input(dtype: Any) -> Callable[[Any], Any]:
+    """What a numpy input goes through before the library sees it."""
+    # numpy's DLPack export knows no bfloat16; the widening to float32 is exact.
+    if dtype_name(dtype) == "bfloat16":
+        return lambda tensor: np.asarray(tensor, dtype=np.float32)
+
+    # The kernels only read their inputs, but numpy will not export a read-only array (a buffer received from
+    # the network, say) through the DLPack version the library speaks: hand over a writable copy.
+    def writable(tensor: Any) -> Any:
+        return tensor if tensor.flags.writeable else tensor.copy()
+
+    return writable
+
+
+def _fused_plan(entry, need_cuda, x, bias, n_group, topk_group, top_k, renormalize, scale, index_dtype, scores, nt):
+    adapter, rows, experts = _check_common(
+        x, bias, n_group, topk_group, top_k, scale, index_dtype, nt, need_cuda, entry
     )
+    args = _routing_args(n_group, topk_group, top_k, renormalize, scale)
+    specs = _specs_topk(rows, top_k, index_dtype)
+    if scores:
+        specs.insert(0, ((rows, experts), "float32"))
+    allocate = adapter.allocator(specs)
+    check_out = _out_checker(adapter, allocate()[-1].dtype, [((rows, experts), "float32"), *specs[-2:]])
+
+    def split(fresh: tuple) -> tuple:
+        return fresh if scores else (None, *fresh)
+
+    if rows == 0:
+
+        def run_empty(x, bias, num_tokens, out):
+            s, v, i = split(allocate()) if out is None else check_out(out)
+            return (s if scores else None), v, i
+
+        return run_empty
+
+    if adapter.cuda:
+        launch = adapter.on_stream(getattr(library(), entry))
+
+        def run(x, bias, num_tokens, out):
+            s, v, i = split(allocate()) if out is None else check_out(out)
+            launch(x, bias, s if scores else None, v, i, num_tokens, *args)
+            return (s if scores else None), v, i
+
+        return run
+
+    launch_cpu = library().cpu_grouped_topk
+    if adapter.framework == "numpy":
+        to_host, bias_to_host = _host_input(x.dtype), _host_input(bias.dtype)
+
+        def launch(x, bias, *rest):
+            return launch_cpu(to_host(x), bias_to_host(bias), *rest)
+
+    else:
+        launch = launch_cpu
+
+    if scores:
+
+        def run_cpu(x, bias, num_tokens, out):
+            s, v, i = allocate() if out is None else check_out(out)
+            launch(x, bias, s, v, i, *args)
+            return s, v, i
+
+        return run_cpu
+
+    def run_cpu_without_scores(x, bias, num_tokens, out):
+        v, i = allocate() if out is None else check_out(out)[1:]
+        launch(x, bias, None, v, i, *args)
+        return None, v, i
+
+    return run_cpu_without_scores
 
 
-def _single_launch(entry: str, need_cuda: bool):
+def _single_launch(entry: str, need_cuda: bool, name: str):
     def run(
         gating_output: Any,
         e_score_correction_bias: Any,
@@ -159,40 +231,60 @@ def _single_launch(entry: str, need_cuda: bool):
         num_tokens: Any = None,
         out: tuple | None = None,
     ) -> tuple:
-        framework, rows, experts, cuda = _prepare(
-            gating_output,
-            e_score_correction_bias,
-            n_group,
-            topk_group,
-            top_k,
-            routed_scaling_factor,
-            index_dtype,
-            num_tokens,
-            need_cuda,
-            entry,
-        )
-        scores, values, ids = _outputs(gating_output, framework, rows, experts, top_k, index_dtype, return_scores, out)
-        if rows == 0:
-            return scores, values, ids
-        args = (n_group, topk_group, top_k, bool(renormalize), float(routed_scaling_factor))
-        if cuda:
-            _entry(entry)(gating_output, e_score_correction_bias, scores, values, ids, num_tokens, *args)
-        else:
-            _entry("cpu_grouped_topk")(
-                _host_friendly(gating_output, framework),
-                _host_friendly(e_score_correction_bias, framework),
-                scores,
-                values,
-                ids,
-                *args,
-            )
-        return scores, values, ids
+        if _torch_compiling():
+            from op.torch_ops import compiled_call
 
+            return compiled_call(
+                name, gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
+                routed_scaling_factor, index_dtype, return_scores, num_tokens, out,
+            )  # fmt: skip
+        try:
+            key = (
+                entry,
+                type(gating_output),
+                gating_output.shape,
+                gating_output.dtype,
+                gating_output.device,
+                type(e_score_correction_bias),
+                e_score_correction_bias.shape,
+                e_score_correction_bias.dtype,
+                n_group,
+                type(n_group),
+                topk_group,
+                type(topk_group),
+                top_k,
+                type(top_k),
+                renormalize,
+                type(renormalize),
+                routed_scaling_factor,
+                type(routed_scaling_factor),
+                index_dtype,
+                return_scores,
+                type(return_scores),
+                num_tokens is None,
+            )
+        except AttributeError:
+            key = None  # not a tensor: building the plan names the argument
+        try:
+            plan = _plans.get(key)
+        except TypeError:
+            key, plan = _lookup_hashable(key)
+        if out is not None:
+            out = _take_out(out)
+        if plan is None:
+            plan = _fused_plan(
+                entry, need_cuda, gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
+                routed_scaling_factor, index_dtype, bool(return_scores), num_tokens,
+            )  # fmt: skip
+            if key is not None:
+                _keep(key, plan)
+        return plan(gating_output, e_score_correction_bias, num_tokens, out)
+
+    run.__name__ = run.__qualname__ = name
     return run
 
 
-grouped_topk = _single_launch("fused_grouped_topk", need_cuda=False)
-grouped_topk.__name__ = grouped_topk.__qualname__ = "grouped_topk"
+grouped_topk = _single_launch("fused_grouped_topk", False, "grouped_topk")
 grouped_topk.__doc__ = """Path ``fused`` on CUDA tensors (exactly one kernel launch), ``cpu_kernel`` on CPU tensors.
 
 Returns ``(scores [T, E] float32 or None, topk_values [T, K] float32, topk_indices [T, K] int64|int32)``.
@@ -200,21 +292,78 @@ Returns ``(scores [T, E] float32 or None, topk_values [T, K] float32, topk_indic
 ``out``: preallocated ``(scores, topk_values, topk_indices)``, checked for shape, dtype and device.
 """
 
-fused_block_grouped_topk = _single_launch("fused_block_grouped_topk", need_cuda=True)
-fused_block_grouped_topk.__name__ = fused_block_grouped_topk.__qualname__ = "fused_block_grouped_topk"
+fused_block_grouped_topk = _single_launch("fused_block_grouped_topk", True, "fused_block_grouped_topk")
 fused_block_grouped_topk.__doc__ = "Path ``fused_block``: the published one-block-per-token design (CUDA only)."
+
+
+def _cast_plan(x, bias, num_tokens):
+    adapter, rows, experts = _check_common(x, bias, 1, 1, 1, 1.0, "int64", num_tokens, True, "cast_sigmoid_bias")
+    allocate = adapter.allocator([((rows, experts), "float32"), ((rows, experts), "float32")])
+    if rows == 0:
+        return lambda x, bias, num_tokens: allocate()
+    launch = adapter.on_stream(library().cast_sigmoid_bias)
+
+    def run(x, bias, num_tokens):
+        scores, biased = allocate()
+        launch(x, bias, scores, biased, num_tokens)
+        return scores, biased
+
+    return run
 
 
 def cast_sigmoid_bias(gating_output: Any, e_score_correction_bias: Any, *, num_tokens: Any = None) -> tuple:
     """Kernel 1 of the two-kernel path: ``(scores, scores_with_bias)``, both float32 ``[T, E]``."""
-    framework, rows, experts, _ = _prepare(
-        gating_output, e_score_correction_bias, 1, 1, 1, 1.0, "int64", num_tokens, True, "cast_sigmoid_bias"
-    )
-    scores = _empty(gating_output, framework, (rows, experts), "float32")
-    biased = _empty(gating_output, framework, (rows, experts), "float32")
-    if rows:
-        _entry("cast_sigmoid_bias")(gating_output, e_score_correction_bias, scores, biased, num_tokens)
-    return scores, biased
+    if _torch_compiling():
+        from op.torch_ops import compiled_cast_sigmoid_bias
+
+        return compiled_cast_sigmoid_bias(gating_output, e_score_correction_bias, num_tokens)
+    try:
+        key = (
+            "cast_sigmoid_bias",
+            type(gating_output),
+            gating_output.shape,
+            gating_output.dtype,
+            gating_output.device,
+            type(e_score_correction_bias),
+            e_score_correction_bias.shape,
+            e_score_correction_bias.dtype,
+            num_tokens is None,
+        )
+    except AttributeError:
+        key = None  # not a tensor: building the plan names the argument
+    try:
+        plan = _plans.get(key)
+    except TypeError:
+        key, plan = _lookup_hashable(key)
+    if plan is None:
+        plan = _cast_plan(gating_output, e_score_correction_bias, num_tokens)
+        if key is not None:
+            _keep(key, plan)
+    return plan(gating_output, e_score_correction_bias, num_tokens)
+
+
+def _noaux_plan(scores, biased, n_group, topk_group, top_k, renormalize, scale, index_dtype, num_tokens):
+    if tuple(biased.shape) != tuple(scores.shape):
+        raise ValueError(f"scores_with_bias shape {tuple(biased.shape)} must equal scores shape {tuple(scores.shape)}")
+    for name, tensor in (("scores", scores), ("scores_with_bias", biased)):
+        if dtype_name(tensor.dtype) != "float32":
+            raise ValueError(f"{name} must be float32, got {dtype_name(tensor.dtype)}")
+    adapter, rows, _ = _check_common(
+        scores, biased, n_group, topk_group, top_k, scale, index_dtype, num_tokens, True, "noaux_tc",
+        bias_shape=tuple(scores.shape[-1:]), logits_name="scores", bias_name="scores_with_bias",
+    )  # fmt: skip
+    allocate = adapter.allocator([((rows, top_k), "float32"), ((rows, top_k), index_dtype)])
+    args = _routing_args(n_group, topk_group, top_k, renormalize, scale)
+    if rows == 0:
+        return lambda scores, biased, num_tokens: (scores, *allocate())
+    launch = adapter.on_stream(library().noaux_tc)
+
+    def run(scores, biased, num_tokens):
+        values, ids = allocate()
+        launch(scores, biased, values, ids, num_tokens, *args)
+        return scores, values, ids
+
+    return run
 
 
 def noaux_tc(
@@ -231,42 +380,78 @@ def noaux_tc(
 ) -> tuple:
     """Kernel 2 of the two-kernel path: routes from float32 ``scores``/``scores_with_bias`` and rewrites
     ``scores`` in place as the sparse weights. Returns ``(scores, topk_values, topk_indices)``."""
-    if tuple(scores_with_bias.shape) != tuple(scores.shape):
-        raise ValueError(
-            f"scores_with_bias shape {tuple(scores_with_bias.shape)} must equal scores shape {tuple(scores.shape)}"
-        )
-    framework, rows, experts, _ = _prepare(
-        scores,
-        scores_with_bias,
-        n_group,
-        topk_group,
-        top_k,
-        routed_scaling_factor,
-        index_dtype,
-        num_tokens,
-        True,
-        "noaux_tc",
-        bias_shape=tuple(scores.shape[-1:]),
-    )
-    for name, tensor in (("scores", scores), ("scores_with_bias", scores_with_bias)):
-        if dtype_name(tensor.dtype) != "float32":
-            raise ValueError(f"{name} must be float32, got {dtype_name(tensor.dtype)}")
-    values = _empty(scores, framework, (rows, top_k), "float32")
-    ids = _empty(scores, framework, (rows, top_k), index_dtype)
-    if rows:
-        _entry("noaux_tc")(
-            scores,
-            scores_with_bias,
-            values,
-            ids,
+    if _torch_compiling():
+        from op.torch_ops import compiled_noaux_tc
+
+        return compiled_noaux_tc(
+            scores, scores_with_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype,
             num_tokens,
+        )  # fmt: skip
+    try:
+        key = (
+            "noaux_tc",
+            type(scores),
+            scores.shape,
+            scores.dtype,
+            scores.device,
+            type(scores_with_bias),
+            scores_with_bias.shape,
+            scores_with_bias.dtype,
             n_group,
+            type(n_group),
             topk_group,
+            type(topk_group),
             top_k,
-            bool(renormalize),
-            float(routed_scaling_factor),
+            type(top_k),
+            renormalize,
+            type(renormalize),
+            routed_scaling_factor,
+            type(routed_scaling_factor),
+            index_dtype,
+            num_tokens is None,
         )
-    return scores, values, ids
+    except AttributeError:
+        key = None  # not a tensor: building the plan names the argument
+    try:
+        plan = _plans.get(key)
+    except TypeError:
+        key, plan = _lookup_hashable(key)
+    if plan is None:
+        plan = _noaux_plan(
+            scores, scores_with_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype,
+            num_tokens,
+        )  # fmt: skip
+        if key is not None:
+            _keep(key, plan)
+    return plan(scores, scores_with_bias, num_tokens)
+
+
+def _two_kernel_plan(x, bias, n_group, topk_group, top_k, renormalize, scale, index_dtype, return_scores, num_tokens):
+    adapter, rows, experts = _check_common(
+        x, bias, n_group, topk_group, top_k, scale, index_dtype, num_tokens, True, "two_kernel"
+    )
+    args = _routing_args(n_group, topk_group, top_k, renormalize, scale)
+    dense = ((rows, experts), "float32")
+    allocate_all = adapter.allocator([dense, dense, ((rows, top_k), "float32"), ((rows, top_k), index_dtype)])
+    allocate_dense = adapter.allocator([dense, dense])
+    check_out = _out_checker(adapter, allocate_all()[-1].dtype, [dense, *_specs_topk(rows, top_k, index_dtype)])
+    cast = adapter.on_stream(library().cast_sigmoid_bias)
+    route = adapter.on_stream(library().noaux_tc)
+
+    def run(x, bias, num_tokens, out):
+        if out is None:
+            scores, biased, values, ids = allocate_all()
+        else:
+            scores, biased = allocate_dense()
+            values, ids = check_out(out)[1:]
+            if out[0] is not None:
+                scores = out[0]
+        if rows:
+            cast(x, bias, scores, biased, num_tokens)
+            route(scores, biased, values, ids, num_tokens, *args)
+        return (scores if return_scores else None), values, ids
+
+    return run
 
 
 def two_kernel_grouped_topk(
@@ -284,34 +469,51 @@ def two_kernel_grouped_topk(
     out: tuple | None = None,
 ) -> tuple:
     """Path ``two_kernel``: ``cast_sigmoid_bias`` then ``noaux_tc``, as production engines run it."""
-    framework, rows, experts, _ = _prepare(
-        gating_output,
-        e_score_correction_bias,
-        n_group,
-        topk_group,
-        top_k,
-        routed_scaling_factor,
-        index_dtype,
-        num_tokens,
-        True,
-        "two_kernel",
-    )
-    scores, values, ids = _outputs(gating_output, framework, rows, experts, top_k, index_dtype, True, out)
-    if out is not None and out[0] is None:
-        scores = _empty(gating_output, framework, (rows, experts), "float32")
-    biased = _empty(gating_output, framework, (rows, experts), "float32")
-    if rows:
-        _entry("cast_sigmoid_bias")(gating_output, e_score_correction_bias, scores, biased, num_tokens)
-        _entry("noaux_tc")(
-            scores,
-            biased,
-            values,
-            ids,
-            num_tokens,
+    if _torch_compiling():
+        from op.torch_ops import compiled_call
+
+        return compiled_call(
+            "two_kernel_grouped_topk", gating_output, e_score_correction_bias, n_group, topk_group, top_k,
+            renormalize, routed_scaling_factor, index_dtype, return_scores, num_tokens, out,
+        )  # fmt: skip
+    try:
+        key = (
+            "two_kernel",
+            type(gating_output),
+            gating_output.shape,
+            gating_output.dtype,
+            gating_output.device,
+            type(e_score_correction_bias),
+            e_score_correction_bias.shape,
+            e_score_correction_bias.dtype,
             n_group,
+            type(n_group),
             topk_group,
+            type(topk_group),
             top_k,
-            bool(renormalize),
-            float(routed_scaling_factor),
+            type(top_k),
+            renormalize,
+            type(renormalize),
+            routed_scaling_factor,
+            type(routed_scaling_factor),
+            index_dtype,
+            return_scores,
+            type(return_scores),
+            num_tokens is None,
         )
-    return (scores if return_scores else None), values, ids
+    except AttributeError:
+        key = None  # not a tensor: building the plan names the argument
+    try:
+        plan = _plans.get(key)
+    except TypeError:
+        key, plan = _lookup_hashable(key)
+    if out is not None:
+        out = _take_out(out)
+    if plan is None:
+        plan = _two_kernel_plan(
+            gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor,
+            index_dtype, bool(return_scores), num_tokens,
+        )  # fmt: skip
+        if key is not None:
+            _keep(key, plan)
+    return plan(gating_output, e_score_correction_bias, num_tokens, out)

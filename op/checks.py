@@ -28,22 +28,24 @@ def check_routing_inputs(
     top_k: int,
     routed_scaling_factor: float,
     index_dtype: str = "int64",
+    *,
+    logits_name: str = "gating_output",
+    bias_name: str = "e_score_correction_bias",
 ) -> tuple[int, int]:
-    """Check shapes, dtypes and limits; return ``(num_tokens, num_experts)``."""
+    """Check shapes, dtypes and limits; return ``(num_tokens, num_experts)``. Messages name the caller's own
+    arguments (``noaux_tc`` passes ``scores`` and ``scores_with_bias``)."""
     if len(logits_shape) != 2:
-        raise ValueError(f"gating_output must be 2-D [num_tokens, num_experts], got shape {tuple(logits_shape)}")
+        raise ValueError(f"{logits_name} must be 2-D [num_tokens, num_experts], got shape {tuple(logits_shape)}")
     num_tokens, num_experts = (int(d) for d in logits_shape)
-    logits_name = dtype_name(logits_dtype)
-    if logits_name not in FLOAT_DTYPES:
-        raise ValueError(f"gating_output dtype {logits_name} is not supported: allowed {', '.join(FLOAT_DTYPES)}")
-    bias_name = dtype_name(bias_dtype)
-    if bias_name not in FLOAT_DTYPES:
-        raise ValueError(
-            f"e_score_correction_bias dtype {bias_name} is not supported: allowed {', '.join(FLOAT_DTYPES)}"
-        )
+    logits_dtype_name = dtype_name(logits_dtype)
+    if logits_dtype_name not in FLOAT_DTYPES:
+        raise ValueError(f"{logits_name} dtype {logits_dtype_name} is not supported: allowed {', '.join(FLOAT_DTYPES)}")
+    bias_dtype_name = dtype_name(bias_dtype)
+    if bias_dtype_name not in FLOAT_DTYPES:
+        raise ValueError(f"{bias_name} dtype {bias_dtype_name} is not supported: allowed {', '.join(FLOAT_DTYPES)}")
     if tuple(int(d) for d in bias_shape) not in ((num_experts,), (1, num_experts)):
         raise ValueError(
-            f"e_score_correction_bias shape {tuple(bias_shape)} does not match num_experts={num_experts}: "
+            f"{bias_name} shape {tuple(bias_shape)} does not match num_experts={num_experts}: "
             f"allowed [{num_experts}] or [1, {num_experts}]"
         )
     if index_dtype not in INDEX_DTYPES:

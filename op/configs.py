@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 MAX_EXPERTS = 1024
@@ -11,9 +12,10 @@ MAX_TOP_K = 32
 
 
 def _require_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # numpy integer scalars are Integral; bool (and numpy's bool, which is not) are refused.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    return value
+    return int(value)
 
 
 def validate_routing(
@@ -46,7 +48,7 @@ def validate_routing(
             f"top_k={top_k} is out of range: allowed 1 <= top_k <= min({MAX_TOP_K}, topk_group * "
             f"num_experts / n_group) = {top_k_max}"
         )
-    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, int | float):
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, numbers.Real):
         raise ValueError(f"routed_scaling_factor must be a real number, got {routed_scaling_factor!r}")
     if not math.isfinite(routed_scaling_factor):
         raise ValueError(f"routed_scaling_factor={routed_scaling_factor} is out of range: allowed finite values")

@@ -84,6 +84,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
   RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
                                 static_cast<int>(top_k), renormalize, static_cast<float>(scale), 8 / elem);
   const int device = logits.device().device_id;
+  const DeviceGuard guard(device);
   cudaStream_t stream = current_stream(logits);
   // Calls launch(typed nullptr) with the logits' element type.
   auto by_dtype = [&](auto&& launch) {

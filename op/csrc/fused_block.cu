@@ -112,6 +112,7 @@ void fused_block_grouped_topk(TensorView logits, TensorView bias, Optional<Tenso
   RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
                                 static_cast<int>(top_k), renormalize, static_cast<float>(scale), 1);
   const size_t smem = (experts + n_group + 2 * top_k) * sizeof(float);
+  const DeviceGuard guard(logits.device().device_id);
   cudaStream_t stream = current_stream(logits);
   const dim3 grid(static_cast<unsigned>(rows)), block(static_cast<unsigned>(n_group * 32));
   if (kind == FloatKind::kFloat32)

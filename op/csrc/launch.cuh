@@ -4,11 +4,14 @@
 #include <cuda_runtime.h>
 #include <tvm/ffi/container/tensor.h>
 
+#include <array>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/optional.h>
 
@@ -28,17 +31,24 @@ inline cudaStream_t current_stream(const TensorView& t) {
   return static_cast<cudaStream_t>(TVMFFIEnvGetStream(t.device().device_type, t.device().device_id));
 }
 
-// A device attribute, read once per device.
+// Makes the tensor's device current for the launch (the stream, SM count and pointers all belong to it),
+// restoring the caller's device afterwards.
+using DeviceGuard = tvm::ffi::CUDADeviceGuard;
+
+constexpr int kMaxDevices = 64;
+
+// A device attribute, read once per device. Any thread may fill an entry; they all write the same value.
 template <cudaDeviceAttr kAttribute>
 inline int device_attribute(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) {
-    int value = 0;
+  static std::array<std::atomic<int>, kMaxDevices> cached{};
+  if (device < 0 || device >= kMaxDevices)
+    TVM_FFI_THROW(ValueError) << "device " << device << " is out of range: allowed 0 <= device < " << kMaxDevices;
+  int value = cached[device].load(std::memory_order_relaxed);
+  if (value == 0) {
     check_cuda(cudaDeviceGetAttribute(&value, kAttribute, device), "cudaDeviceGetAttribute");
-    cached[device] = value;
+    cached[device].store(value, std::memory_order_relaxed);
   }
-  return cached[device];
+  return value;
 }
 
 inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }

@@ -98,6 +98,7 @@ void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, Te
   check_dtype(biased, "scores_with_bias", kDLFloat, 32);
   const int32_t* n_ptr = num_tokens_pointer(num_tokens, logits);
   if (rows == 0) return;
+  const DeviceGuard guard(logits.device().device_id);
   const int vec = experts % 4 == 0 && reinterpret_cast<uintptr_t>(data_of(scores)) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(data_of(biased)) % 16 == 0;
   const int64_t work = (rows * experts + (vec ? 3 : 0)) / (vec ? 4 : 1);
@@ -137,6 +138,7 @@ void noaux_tc(TensorView scores, TensorView biased, TensorView values, TensorVie
   const bool index64 = check_outputs(nullptr, values, indices, rows, experts, top_k, scores);
   const int32_t* n_ptr = num_tokens_pointer(num_tokens, scores);
   if (rows == 0) return;
+  const DeviceGuard guard(scores.device().device_id);
   RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
                                 static_cast<int>(top_k), renormalize, static_cast<float>(scale), 4);
   const int vec = p.vpt % 4 == 0 && experts % 4 == 0 && reinterpret_cast<uintptr_t>(data_of(scores)) % 16 == 0 &&

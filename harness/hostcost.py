@@ -1,0 +1,240 @@
+"""Host cost per call of the front-end, beside one framework op (``torch.sigmoid``) measured in the same process.
+
+Each row is the wall-clock time per call of ``calls`` back-to-back calls (on a GPU, closed by one
+synchronisation), taken ``repeats`` times with the rows interleaved, so drift in the machine's speed hits every
+row alike; the table gives the median. Targets are ratios within this one run: absolute figures move between
+hosts of one kind by more than the differences they would judge. The graph runner gets a different input tensor
+on every call (a rotation of distinct tensors built beforehand), as a server does.
+
+``python -m harness.hostcost --out reports/hostcost`` writes ``hostcost.csv`` and ``hostcost.md`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.inputs import generate_input
+from harness.results import git_commit
+from op.configs import PRESETS
+
+PRESET = "deepseek_v3"
+DISTINCT_INPUTS = 64
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    call: Callable[[], object] | None  # None: the row times ``loop`` itself
+    baseline: str | None = None  # the row whose time the target ratio divides by
+    target: float | None = None
+    loop: Callable[[int], None] | None = None  # runs the call n times, for rows that vary their input per call
+
+
+def _rows(torch, device: str, tokens: int) -> list[Row]:
+    import op
+    from graphs.runner import GraphRunner
+
+    config = PRESETS[PRESET]
+    x_np, bias_np = generate_input(config, tokens, "bfloat16", seed=0)
+    as_tensor = lambda a: torch.from_numpy(a.astype("float32")).to(torch.bfloat16).to(device)  # noqa: E731
+    x, bias = as_tensor(x_np), torch.from_numpy(bias_np).to(device)
+    args = config.args()
+    out = op.grouped_topk(x, bias, *args)
+    shapes = ((tokens, config.num_experts), (tokens, config.top_k), (tokens, config.top_k))
+    f32, i64 = torch.float32, torch.int64
+    cuda = device == "cuda"
+    sigmoid = "torch.sigmoid(x)"
+    eager_target, two_kernel_target, runner_target = (1.5, 2.5, 2.5) if cuda else (3.0, None, None)
+    rows = [
+        Row(sigmoid, lambda: torch.sigmoid(x)),
+        Row(
+            "three torch.empty (the outputs)",
+            lambda: (
+                torch.empty(shapes[0], dtype=f32, device=device),
+                torch.empty(shapes[1], dtype=f32, device=device),
+                torch.empty(shapes[2], dtype=i64, device=device),
+            ),
+        ),
+        Row("op.grouped_topk eager", lambda: op.grouped_topk(x, bias, *args), sigmoid, eager_target),
+        Row(
+            "op.grouped_topk(..., return_scores=False)",
+            lambda: op.grouped_topk(x, bias, *args, return_scores=False),
+            sigmoid,
+            eager_target,
+        ),
+        Row(
+            "op.grouped_topk(..., out=preallocated)",
+            lambda: op.grouped_topk(x, bias, *args, out=out),
+            sigmoid,
+            eager_target,
+        ),  # fmt: skip
+        # The floor under the front-end: the library entry point alone on preallocated outputs (at T=1 on the
+        # CPU this includes the kernel's own work, which dominates there).
+        Row("library entry point alone, outputs given", _library_call(cuda, x, bias, out, args)),
+    ]
+    if not cuda:
+        return rows
+    rows.append(
+        Row(
+            "op.two_kernel_grouped_topk eager",
+            lambda: op.two_kernel_grouped_topk(x, bias, *args),
+            sigmoid,
+            two_kernel_target,
+        ),  # fmt: skip
+    )
+    runner = GraphRunner("fused", config, [tokens], "bfloat16", name=PRESET)
+    inputs = [as_tensor(generate_input(config, tokens, "bfloat16", seed=i)[0]) for i in range(DISTINCT_INPUTS)]
+    graph = runner._graphs[tokens]
+
+    def runner_loop(n: int) -> None:
+        for i in range(n):
+            runner(inputs[i % DISTINCT_INPUTS], bias)
+
+    replay = "bare graph.replay() of that bucket"
+    rows += [
+        Row(f'GraphRunner("fused", ...)(x, bias) at T={tokens}', None, replay, runner_target, loop=runner_loop),
+        Row(replay, graph.replay),
+    ]
+    return rows
+
+
+def _library_call(cuda: bool, x, bias, out, args) -> Callable[[], object]:
+    from op.build import library
+
+    if cuda:
+        entry = library().fused_grouped_topk
+        return lambda: entry(x, bias, *out, None, *args)
+    entry = library().cpu_grouped_topk
+    return lambda: entry(x, bias, *out, *args)
+
+
+def _time_rows(
+    rows: list[Row], sync: Callable[[], None], calls: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {row.name: [] for row in rows}
+    loops = {row.name: row.loop or _repeat(row.call) for row in rows}
+    for loop in loops.values():
+        loop(max(calls // 10, 1))
+    sync()
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            start = clock()
+            loop(calls)
+            sync()
+            samples[name].append((clock() - start) * 1e6 / calls)
+    return samples
+
+
+def _repeat(call: Callable[[], object]) -> Callable[[int], None]:
+    def loop(n: int) -> None:
+        for _ in range(n):
+            call()
+
+    return loop
+
+
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def measure(device: str, tokens: int, calls: int, repeats: int, clock: str = "wall") -> list[dict]:
+    """One table: per row its median µs, and where it has a target, the ratio and whether it is met."""
+    if clock == "thread" and device != "cpu":
+        raise ValueError("clock='thread' counts this thread's CPU time only: allowed for device 'cpu' alone")
+    import torch
+
+    rows = _rows(torch, device, tokens)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    samples = _time_rows(rows, sync, calls, repeats, CLOCKS[clock])
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    table = []
+    for row in rows:
+        ratio = medians[row.name] / medians[row.baseline] if row.baseline else None
+        table.append({
+            "device": device,
+            "card": card,
+            "clock": clock,
+            "preset": PRESET,
+            "T": tokens,
+            "call": row.name,
+            "us_p50": round(medians[row.name], 2),
+            "us_min": round(min(samples[row.name]), 2),
+            "us_max": round(max(samples[row.name]), 2),
+            "against": row.baseline or "",
+            "ratio": "" if ratio is None else round(ratio, 2),
+            "target": "" if row.target is None else f"<= {row.target}x",
+            "status": "" if row.target is None or ratio is None else ("met" if ratio <= row.target else "missed"),
+            "commit": git_commit(),
+        })  # fmt: skip
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = []
+    for device in dict.fromkeys(r["device"] for r in table):
+        part = [r for r in table if r["device"] == device]
+        first = part[0]
+        lines += [
+            f"### {first['card']} ({device} tensors), {first['preset']}, T={first['T']}, bfloat16, "
+            f"{first['clock']} clock",
+            "",
+            "| call | µs (median) | range | ratio | target | status |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in part:
+            ratio = f"{r['ratio']}x {r['against']}" if r["ratio"] != "" else ""
+            lines.append(
+                f"| `{r['call']}` | {r['us_p50']} | {r['us_min']}-{r['us_max']} | {ratio} | {r['target']} | "
+                f"{r['status']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for hostcost.csv and hostcost.md")
+    parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--devices", default="auto", help="'auto' (cuda where present, and cpu), or a list: cuda,cpu")
+    parser.add_argument(
+        "--cpu-clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="clock of the CPU-tensor table: 'thread' counts only this thread's CPU time, steadier on a machine "
+        "shared with other work (GPU tables are always wall-clock)",
+    )
+    args = parser.parse_args(argv)
+    import torch
+
+    devices = args.devices.split(",") if args.devices != "auto" else []
+    if not devices:
+        devices = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
+    table = [
+        row
+        for device in devices
+        for row in measure(device, args.tokens, args.calls, args.repeats, args.cpu_clock if device == "cpu" else "wall")
+    ]
+    text = markdown(table)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "hostcost.md").write_text(text + "\n")
+    with open(args.out / "hostcost.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    print(f"wrote {args.out / 'hostcost.md'} and hostcost.csv", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
