@@ -8,6 +8,7 @@ take the C++ CPU kernel (path ``cpu_kernel``).
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import numpy as np
@@ -144,6 +145,16 @@ def _outputs(gating_output, framework, rows, experts, top_k, index_dtype, with_s
     )
 
 
+def _check_num_threads(num_threads: Any, cuda: bool) -> None:
+    if cuda:
+        raise ValueError("num_threads is supported for CPU tensors only")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) or not 1 <= num_threads <= 1024:
+        raise ValueError(
+            f"num_threads={num_threads!r} is invalid: allowed an int 1 <= num_threads <= 1024, or None for "
+            "$FUSEDGATE_CPU_THREADS or else the CPUs this process may run on"
+        )
+
+
 def _single_launch(entry: str, need_cuda: bool):
     def run(
         gating_output: Any,
@@ -158,6 +169,7 @@ def _single_launch(entry: str, need_cuda: bool):
         return_scores: bool = True,
         num_tokens: Any = None,
         out: tuple | None = None,
+        num_threads: int | None = None,
     ) -> tuple:
         framework, rows, experts, cuda = _prepare(
             gating_output,
@@ -171,6 +183,8 @@ def _single_launch(entry: str, need_cuda: bool):
             need_cuda,
             entry,
         )
+        if num_threads is not None:
+            _check_num_threads(num_threads, cuda)
         scores, values, ids = _outputs(gating_output, framework, rows, experts, top_k, index_dtype, return_scores, out)
         if rows == 0:
             return scores, values, ids
@@ -185,6 +199,7 @@ def _single_launch(entry: str, need_cuda: bool):
                 values,
                 ids,
                 *args,
+                0 if num_threads is None else int(num_threads),
             )
         return scores, values, ids
 
@@ -198,6 +213,8 @@ grouped_topk.__doc__ = """Path ``fused`` on CUDA tensors (exactly one kernel lau
 Returns ``(scores [T, E] float32 or None, topk_values [T, K] float32, topk_indices [T, K] int64|int32)``.
 ``num_tokens`` (CUDA only): an int32 device scalar; rows at or past it are left untouched.
 ``out``: preallocated ``(scores, topk_values, topk_indices)``, checked for shape, dtype and device.
+``num_threads`` (CPU only): threads for the C++ kernel; default ``$FUSEDGATE_CPU_THREADS``, else the CPUs this
+process may run on. Small batches run on one thread whatever the count.
 """
 
 fused_block_grouped_topk = _single_launch("fused_block_grouped_topk", need_cuda=True)
