@@ -50,7 +50,7 @@ constexpr int kMaxThreads = 1024;
 // thread start and join is about 30 us, a token of E=256 about 0.3 us).
 constexpr int64_t kMinExpertsPerThread = 1 << 17;
 // Above this many candidates the quadratic rank selection is slower than insertion into a top-k list.
-constexpr int kRankSelectLimit = 32;
+constexpr int kRankSelectLimit = 64;
 
 inline float as_float(uint32_t bits) {
   float f;
@@ -144,30 +144,20 @@ struct Buffers {
   float* scores;  // null without scores
 };
 
-// Rule 3's group score: the sum of the two largest keys (invalid experts hold -inf, so fewer than two valid
-// gives -inf by the sum itself), with a repeated maximum counting twice. Lanes keep their own top two.
-inline float group_score(const float* key, int epg) {
-  constexpr int L = 8;
-  float top1[L], top2[L];
-  for (int j = 0; j < L; ++j) top1[j] = top2[j] = -kInf;
-  int i = 0;
-  for (; i + L <= epg; i += L) {
-    for (int j = 0; j < L; ++j) {
-      const float v = key[i + j];
-      top2[j] = max_f(top2[j], min_f(top1[j], v));
-      top1[j] = max_f(top1[j], v);
+// Rule 3's group scores: the sum of each group's two largest keys (invalid experts hold -inf, so fewer than two
+// valid gives -inf by the sum itself), a repeated maximum counting twice. The groups advance together, one per
+// vector lane, so the running top two stay in registers.
+inline void score_groups(const float* key, int n_group, int epg, float* scores) {
+  float top1[kMaxGroups], top2[kMaxGroups];
+  for (int g = 0; g < n_group; ++g) top1[g] = top2[g] = -kInf;
+  for (int i = 0; i < epg; ++i) {
+    for (int g = 0; g < n_group; ++g) {
+      const float v = key[g * epg + i];
+      top2[g] = max_f(top2[g], min_f(top1[g], v));
+      top1[g] = max_f(top1[g], v);
     }
   }
-  for (; i < epg; ++i) {
-    top2[0] = max_f(top2[0], min_f(top1[0], key[i]));
-    top1[0] = max_f(top1[0], key[i]);
-  }
-  float best = top1[0], second = top2[0];
-  for (int j = 1; j < L; ++j) {
-    second = max_f(max_f(second, top2[j]), min_f(best, top1[j]));
-    best = max_f(best, top1[j]);
-  }
-  return epg == 1 ? best : best + second;
+  for (int g = 0; g < n_group; ++g) scores[g] = epg == 1 ? top1[g] : top1[g] + top2[g];
 }
 
 // A lower bound of the top_k-th largest key among `keys[0, n)` (n a multiple of L, L >= top_k): the smallest of
@@ -199,14 +189,15 @@ inline uint32_t at_least_mask16(const float* v, float bound) {
   return mask;
 }
 
-// Output ranks of the candidates (keys in ascending expert order, padded with -inf to kRankSelectLimit): b
-// descending, then the lower expert first. All ranks grow together, one vector step per rival; padding and
-// ranks past top_k land in slot top_k.
+// Output ranks of the candidates (keys in ascending expert order, padded with -inf to W): b descending, then the
+// lower expert first. All W ranks grow together, one vector step per rival; padding and ranks past top_k land in
+// slot top_k.
+template <int W>
 inline void rank_select(const float* cand_key, const int* cand_pos, int count, int top_k, int* chosen) {
-  int rank[kRankSelectLimit] = {};
+  int rank[W] = {};
   for (int d = 0; d < count; ++d) {
     const float rival = cand_key[d];
-    for (int a = 0; a < kRankSelectLimit; ++a) rank[a] += (rival > cand_key[a]) | ((rival == cand_key[a]) & (d < a));
+    for (int a = 0; a < W; ++a) rank[a] += (rival > cand_key[a]) | ((rival == cand_key[a]) & (d < a));
   }
   for (int a = 0; a < count; ++a) chosen[std::min(rank[a], top_k)] = cand_pos[a];
 }
@@ -263,7 +254,7 @@ FUSEDGATE_VECTOR_CLONES void route_rows(const Routing& p, const Buffers& io, int
     const float* pool = key;
     int pool_size = E, kept_count = 0;
     if (p.score_groups) {
-      for (int g = 0; g < p.n_group; ++g) group_scores[g] = group_score(key + g * epg, epg);
+      score_groups(key, p.n_group, epg, group_scores);
       for (int g = 0; g < p.n_group; ++g) {
         const float v = group_scores[g];
         int rank = 0;
@@ -301,8 +292,12 @@ FUSEDGATE_VECTOR_CLONES void route_rows(const Routing& p, const Buffers& io, int
         out_w[r] = p.fallback_weight;
       }
     } else {
-      if (count <= kRankSelectLimit) {
-        rank_select(cand_key, cand_pos, count, K, chosen);
+      if (count <= 16) {
+        rank_select<16>(cand_key, cand_pos, count, K, chosen);
+      } else if (count <= 32) {
+        rank_select<32>(cand_key, cand_pos, count, K, chosen);
+      } else if (count <= kRankSelectLimit) {
+        rank_select<kRankSelectLimit>(cand_key, cand_pos, count, K, chosen);
       } else {
         insertion_select(cand_key, cand_pos, count, K, chosen);
       }
@@ -325,7 +320,7 @@ FUSEDGATE_VECTOR_CLONES void route_rows(const Routing& p, const Buffers& io, int
     if (io.scores != nullptr) {
       // Rule 6.
       float* row = io.scores + t * E;
-      std::memset(row, 0, sizeof(float) * E);
+      for (int e = 0; e < E; ++e) row[e] = 0.0f;
       for (int r = 0; r < K; ++r) row[chosen[r]] = out_w[r];
     }
   }
