@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import nox
 
 nox.options.default_venv_backend = "virtualenv"
-nox.options.sessions = ["lint", "build", "tests"]
+nox.options.sessions = ["lint", "build", "tests", "mutants"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
@@ -57,7 +58,8 @@ GPU_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTH
 def gpu(session: nox.Session) -> None:
     """GPU tests (marked ``gpu``) in the host's own interpreter, from the checkout, on a CUDA host."""
     session.run("python3", "-m", "op.build", env=GPU_ENV)
-    files = sorted(str(p) for p in Path("tests").glob("test_gpu_*.py"))
+    # The rule tests carry GPU cases too: every rule over fused, two_kernel, fused_block and composite_torch.
+    files = sorted(str(p) for p in Path("tests").glob("test_gpu_*.py")) + ["tests/test_reference_rules.py"]
     session.run("python3", "-m", "pytest", "-m", "gpu", "-n", "8", *files, *session.posargs, env=GPU_ENV)
 
 
@@ -80,6 +82,17 @@ def sanitize(session: nox.Session) -> None:
             env=GPU_ENV,
             external=True,
         )
+
+
+# The CPU rows run in their own virtualenv like the tests; the CUDA rows need the GPU host's own torch.
+@nox.session(venv_backend="none" if "--gpu" in sys.argv else "virtualenv")
+def mutants(session: nox.Session) -> None:
+    """Mutation check: every break in tests/mutants/*.toml must fail its file's tests (``-- --gpu``: CUDA rows)."""
+    if "--gpu" in session.posargs:
+        session.run("python3", "-m", "harness.mutants", *session.posargs, env=GPU_ENV)
+        return
+    _install_project(session)
+    session.run("python", "-m", "harness.mutants", *session.posargs)
 
 
 @nox.session(venv_backend="none")

@@ -90,7 +90,7 @@ def _model_description(client, model: str, bias_file: Path | None) -> tuple[Rout
 
 def _draw_logits(rng: np.random.Generator, tokens: int, experts: int, wire: str) -> np.ndarray:
     x = rng.standard_normal((tokens, experts), dtype=np.float32) * 2
-    # A few NaN logits: valid input (DESIGN rules 2 and 7), so the service must route them like any other.
+    # A few NaN logits: valid input (DESIGN.md, routing rules 2 and 7), so the service must route them like any other.
     if rng.random() < 0.1:
         x[rng.integers(tokens), rng.integers(experts)] = np.nan
     return x.astype(INPUT_DATATYPES[wire])

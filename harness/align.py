@@ -1,6 +1,6 @@
 """The alignment matrix: every available path x preset x dtype x T x input distribution against the reference.
 
-Writes long-format rows (DESIGN's CSV columns; the statistic in ``p50``, the token count in ``n``) and a
+Writes long-format rows (DESIGN.md's CSV columns; the statistic in ``p50``, the token count in ``n``) and a
 markdown table, and reports whether everything passed.
 """
 

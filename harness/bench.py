@@ -52,7 +52,7 @@ def _paths():
 
 
 def latency_row(path, preset, config, dtype, tokens, scores, l2, launch, timing, context) -> dict:
-    """One long-format latency row (DESIGN's Names); ``context`` holds card, timestamp and commit."""
+    """One long-format latency row (DESIGN.md's Names); ``context`` holds card, timestamp and commit."""
     return {
         "path": path,
         "preset": preset,

@@ -1,4 +1,4 @@
-"""The long-format results CSV shared by the bench, the alignment matrix and the report (DESIGN's Names)."""
+"""The long-format results CSV shared by the bench, the alignment matrix and the report (DESIGN.md's Names)."""
 
 from __future__ import annotations
 

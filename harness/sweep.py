@@ -2,7 +2,7 @@
 
 On a CUDA host the GPU paths are timed as graph replays of 20 calls on a hot input (``harness.timing``); on
 a CPU-only machine the CPU paths are timed on the host. Every timed region sits in an NVTX range named as
-DESIGN's Names section says.
+DESIGN.md's Names section says.
 """
 
 from __future__ import annotations

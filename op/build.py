@@ -3,8 +3,8 @@
 The build is cached under ``$FUSEDGATE_CACHE`` (default ``~/.cache/fusedgate``) in a folder keyed by the
 sources' hash, the target architectures and the toolkit version, behind a file lock so parallel test workers
 build once. Architectures: ``$FUSEDGATE_CUDA_ARCHS`` where set, else the visible GPU's, else ``80;90a``. Without
-``nvcc``, or with ``FUSEDGATE_CUDA_ARCHS=none``, only the C++ CPU kernel is built. ``python -m op.build`` builds ahead of time and prints each
-kernel's registers, spills and shared memory.
+``nvcc``, or with ``FUSEDGATE_CUDA_ARCHS=none``, only the C++ CPU kernel is built. ``python -m op.build`` builds
+ahead of time and prints each kernel's registers, spills and shared memory.
 """
 
 from __future__ import annotations

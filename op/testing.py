@@ -3,7 +3,9 @@
 Ids must equal the reference's, except where a swap is proven harmless from ``reference.biased_scores``:
 the competing biased scores differ by at most ``EXPERT_TOLERANCE`` (or, where another group was kept, the
 competing group scores by at most ``GROUP_TOLERANCE``). Identical inputs give identical ``b`` on every path,
-so a swap between experts with identical logit and bias is never excused: that is the tie rule, not rounding.
+so a swap between experts with identical logit and bias is never excused: that is the tie rule, not rounding. The
+same holds for groups: two groups holding the same (logit, bias) pairs score identically under any arithmetic, so
+the lower one must be kept first.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def _note(result: RoutingComparison, message: str) -> None:
         result.first_failure = message
 
 
+def _identical_group_passed_over(x: np.ndarray, bias: np.ndarray, config: RoutingConfig, kept: set[int]) -> bool:
+    """Whether a dropped group holds the same (logit, bias) pairs as a kept group of higher index."""
+    epg = config.experts_per_group
+    # Bit patterns, so that NaN logits compare equal to themselves; sorting makes the key a multiset.
+    pairs = np.stack([x.astype(np.float32).view(np.uint32), bias.astype(np.float32).view(np.uint32)], axis=-1)
+    keys = [sorted(map(tuple, pairs[g * epg : (g + 1) * epg].tolist())) for g in range(config.n_group)]
+    return any(keys[dropped] == keys[k] for k in kept for dropped in range(k) if dropped not in kept)
+
+
 def _swap_is_excused(ids: np.ndarray, b: np.ndarray, x: np.ndarray, bias: np.ndarray, config: RoutingConfig) -> bool:
     """Whether ``ids`` is a correct routing of one token up to near-ties in ``b`` (or in group scores)."""
     b64 = b.astype(np.float64)
@@ -84,6 +95,8 @@ def _swap_is_excused(ids: np.ndarray, b: np.ndarray, x: np.ndarray, bias: np.nda
         kept = definite | chosen_groups
         slots = config.topk_group - len(kept)
         if slots < 0:
+            return False
+        if _identical_group_passed_over(x, bias, config, kept):
             return False
     else:
         kept, ambiguous, slots = set(range(config.n_group)), set(), 0

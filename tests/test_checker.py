@@ -8,9 +8,14 @@ import pytest
 from harness.inputs import generate_input
 from op import reference
 from op.configs import PRESETS, RoutingConfig
-from op.testing import EXPERT_TOLERANCE, assert_routing_close, compare_routing
+from op.testing import assert_routing_close, compare_routing
 
 CONFIG = PRESETS["deepseek_v3"]
+
+# The standard's tolerances as DESIGN.md states them, written out rather than imported from the checker, so that
+# a change to the checker's own constants fails these tests.
+EXPERT_TOLERANCE = 8 * 2.0**-23
+GROUP_TOLERANCE = 16 * 2.0**-23
 
 
 @pytest.fixture
@@ -62,23 +67,22 @@ def test_scores_must_be_weights_scattered(problem):
 
 
 def test_near_tie_swap_is_excused_but_exact_tie_swap_is_not():
+    # The competing experts sit at 2 and 3, so the reference's answer cannot pass for a fallback row.
     config = RoutingConfig(8, 1, 1, 2, True, 1.0)
-    x = np.array([[0.5, 0.5, 0.1, 0.2, 0, 0, 0, 0]], np.float32)
+    x = np.array([[0, 0, 0.5, 0.5, 0.1, 0.2, 0, 0]], np.float32)
     bias = np.zeros(8, np.float32)
-    step = np.float32(0.5) + np.float32(2 * EXPERT_TOLERANCE)
     x_near = x.copy()
-    x_near[0, 1] = step
+    x_near[0, 3] = np.float32(0.5) + np.float32(2 * EXPERT_TOLERANCE)
     b = reference.biased_scores(x_near, bias)[0]
-    assert 0 < b[1] - b[0] <= EXPERT_TOLERANCE
-    swapped = np.array([[0, 1]])
+    assert 0 < b[3] - b[2] <= EXPERT_TOLERANCE
     s = reference.sigmoid(x_near)[0]
-    values = reference.routing_weights(s[[0, 1]][None], True, 1.0)
-    result = compare_routing((None, values, swapped), x_near, bias, config)
+    values = reference.routing_weights(s[[2, 3]][None], True, 1.0)
+    result = compare_routing((None, values, np.array([[2, 3]])), x_near, bias, config)
     assert result.ok and result.excused_near_ties == 1
     # Identical inputs give identical b on every path: order must follow the index.
-    values = reference.routing_weights(reference.sigmoid(x)[0][[1, 0]][None], True, 1.0)
-    result = compare_routing((None, values, np.array([[1, 0]])), x, bias, config)
-    assert result.mismatches == 1
+    values = reference.routing_weights(reference.sigmoid(x)[0][[3, 2]][None], True, 1.0)
+    result = compare_routing((None, values, np.array([[3, 2]])), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0
 
 
 def test_group_near_tie_is_excused_only_within_group_tolerance():
@@ -102,3 +106,52 @@ def test_fallback_rows_must_match_exactly():
     assert compare_routing((None, np.array([[0.5, 0.5]], np.float32), np.array([[0, 1]])), x, bias, config).ok
     bad = compare_routing((None, np.array([[0.5, 0.5]], np.float32), np.array([[1, 0]])), x, bias, config)
     assert bad.mismatches == 1
+
+
+def test_swap_between_identical_groups_is_never_excused(seed):
+    # Four groups with the same logits and bias score identically under any arithmetic: the tie rule keeps
+    # groups 0 and 1, and an answer drawn from groups 2 and 3 is wrong, not a near-tie.
+    config = RoutingConfig(16, 4, 2, 4, True, 1.0)
+    group_x, group_bias = generate_input(RoutingConfig(4, 1, 1, 2, True, 1.0), 1, "float32", seed, "randn")
+    x = np.tile(group_x, (1, 4))
+    bias = np.tile(group_bias, 4)
+    ref_ids = reference.grouped_topk(x, bias, *config.args())[2]
+    assert {int(i) // 4 for i in ref_ids[0]} == {0, 1}
+    shifted = ref_ids + 8
+    values = reference.routing_weights(reference.sigmoid(x)[0][shifted[0]][None], True, 1.0)
+    result = compare_routing((None, values, shifted), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0
+
+
+def test_swap_beyond_expert_tolerance_is_a_mismatch():
+    # Expert 1 sits two to four tolerances above expert 0 in b: putting 0 first is wrong, not a near-tie.
+    config = RoutingConfig(8, 1, 1, 2, True, 1.0)
+    x = np.array([[0.5, 0.5, 0.1, 0.2, 0, 0, 0, 0]], np.float32)
+    x[0, 1] = np.float32(0.5) + np.float32(12 * EXPERT_TOLERANCE)
+    bias = np.zeros(8, np.float32)
+    b = reference.biased_scores(x, bias)[0]
+    assert 2 * EXPERT_TOLERANCE < b[1] - b[0] <= 4 * EXPERT_TOLERANCE
+    values = reference.routing_weights(reference.sigmoid(x)[0][[0, 1]][None], True, 1.0)
+    result = compare_routing((None, values, np.array([[0, 1]])), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0
+
+
+def test_group_swap_beyond_group_tolerance_is_a_mismatch():
+    config = RoutingConfig(8, 2, 1, 1, True, 1.0)
+    bias = np.zeros(8, np.float32)
+    x = np.array([[0.3, 0.3, -3, -3, 0.3, 0.3, -3, -3]], np.float32)
+    x[0, 4] = np.float32(0.3) + np.float32(2e-5)
+    scores = reference.group_scores(reference.biased_scores(x, bias), 2)[0]
+    assert 2 * GROUP_TOLERANCE < scores[1] - scores[0] <= 4 * GROUP_TOLERANCE
+    values = reference.sigmoid(x)[:, [0]]
+    result = compare_routing((None, values, np.array([[0]])), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0
+
+
+def test_higher_of_two_identical_experts_is_a_mismatch():
+    # Experts 2 and 3 have the same logit and bias: choosing 3 over 2 breaks the tie rule on every path.
+    config = RoutingConfig(8, 1, 1, 1, True, 1.0)
+    x = np.array([[-1, -1, 0.5, 0.5, 0.1, 0.2, -2, -2]], np.float32)
+    bias = np.zeros(8, np.float32)
+    result = compare_routing((None, np.array([[1.0]], np.float32), np.array([[3]])), x, bias, config)
+    assert result.mismatches == 1 and result.excused_near_ties == 0

@@ -7,7 +7,7 @@ import pytest
 
 from harness.inputs import DISTRIBUTIONS, generate_input
 from op.configs import PRESETS, STRESS
-from op.testing import assert_routing_close
+from op.testing import assert_routing_close, compare_routing
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -148,18 +148,33 @@ def test_int32_ids_and_no_scores(path, seed):
 
 
 def test_side_stream_without_synchronisation(seed):
+    """A launch on the caller's side stream must queue behind that stream's work and be read there.
+
+    The side stream first sleeps, then overwrites the input with the real logits, then routes. A library that
+    launched on another stream would route the stale input (poison) before the copy lands; reading the results
+    on the side stream, with nothing synchronising the default stream, leaves no other ordering to hide it.
+    """
     config = PRESETS["deepseek_v3"]
     x, bias = generate_input(config, 8192, "bfloat16", seed)
-    xd, bd = to_device(x), to_device(bias)
+    stale, _ = generate_input(config, 8192, "bfloat16", seed + 1)
+    xd, bd = to_device(stale), to_device(bias)
+    fresh = to_device(x)
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        # Keep the default stream busy so a launch on the wrong stream would read or race visibly.
-        out = grouped_topk(xd, bd, *config.args())
-        two = two_kernel_grouped_topk(xd, bd, *config.args())
-    torch.cuda.current_stream().wait_stream(stream)
-    assert_bit_identical({"fused": out, "two_kernel": two})
-    assert_routing_close(out, x, bias, config)
+        torch.cuda._sleep(50_000_000)
+        xd.copy_(fresh, non_blocking=True)
+        outputs = {
+            "fused": grouped_topk(xd, bd, *config.args()),
+            "two_kernel": two_kernel_grouped_topk(xd, bd, *config.args()),
+            "fused_block": fused_block_grouped_topk(xd, bd, *config.args()),
+        }
+        host = {name: tuple(t.to("cpu", non_blocking=False) for t in out) for name, out in outputs.items()}
+    stream.synchronize()
+    for name, out in host.items():
+        result = compare_routing(out, x, bias, config)
+        assert result.ok, f"{name}: {result.first_failure}"
+    assert_bit_identical(host)
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))

@@ -1,6 +1,15 @@
-"""One test per routing rule of DESIGN.md, on hand-built inputs whose answer is known exactly."""
+"""One test per routing rule of DESIGN.md, on hand-built inputs whose answer is known exactly, run over every path.
+
+Each rule test takes the ``route`` fixture, which runs the reference, the C++ CPU kernel through numpy, torch and
+paddle tensors, both composites, and on a CUDA host the GPU paths. Ids must be exact on every path; weights are
+exact where a rule fixes them (fallback ``1/K``, zeros) and within the alignment standard elsewhere (the CUDA
+sigmoid is approximate, the C++ kernel's exponential is not numpy's).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -8,44 +17,146 @@ import pytest
 
 from op import reference
 from op.configs import RoutingConfig
+from op.testing import WEIGHT_RTOL, to_numpy
 
 INF = np.inf
 NAN = np.nan
 
 
-def route(x, bias, n_group, topk_group, top_k, renormalize=True, scale=1.0):
-    x = np.asarray(x, dtype=np.float32).reshape(1, -1) if np.ndim(x) == 1 else np.asarray(x, dtype=np.float32)
-    bias = np.asarray(bias, dtype=np.float32)
-    return reference.grouped_topk(x, bias, n_group, topk_group, top_k, renormalize, scale)
+def _torch_cpu(a):
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(a)
+
+
+def _torch_cuda(a):
+    return _torch_cpu(a).cuda()
+
+
+def _paddle_cpu(a):
+    paddle = pytest.importorskip("paddle")
+    return paddle.to_tensor(a)
+
+
+def _kernel(name: str) -> Callable:
+    def call(*args, **kwargs):
+        import op
+
+        return getattr(op, name)(*args, **kwargs)
+
+    return call
+
+
+def _composite(name: str) -> Callable:
+    def call(*args, **kwargs):
+        from op import composite
+
+        return getattr(composite, name)(*args, **kwargs)
+
+    return call
+
+
+@dataclass(frozen=True)
+class RoutePath:
+    """One path with the tensor type it is fed; ``exact_weights`` only for the reference itself."""
+
+    name: str
+    function: Callable
+    to_tensor: Callable[[np.ndarray], object]
+    exact_weights: bool = False
+
+    def __call__(self, x, bias, n_group, topk_group, top_k, renormalize=True, scale=1.0, **kwargs):
+        x = np.asarray(x, dtype=np.float32) if np.asarray(x).dtype == np.float64 else np.asarray(x)
+        x = x.reshape(1, -1) if x.ndim == 1 else x
+        bias = np.asarray(bias, dtype=np.float32)
+        out = self.function(
+            self.to_tensor(np.ascontiguousarray(x)),
+            self.to_tensor(bias),
+            n_group,
+            topk_group,
+            top_k,
+            renormalize,
+            scale,
+            **kwargs,
+        )
+        return tuple(None if t is None else to_numpy(t) for t in out)
+
+
+PATHS = [
+    pytest.param(RoutePath("reference", reference.grouped_topk, np.asarray, True), id="reference"),
+    pytest.param(RoutePath("cpu_kernel", _kernel("grouped_topk"), np.asarray), id="cpu_kernel-numpy"),
+    pytest.param(RoutePath("cpu_kernel", _kernel("grouped_topk"), _torch_cpu), id="cpu_kernel-torch"),
+    pytest.param(RoutePath("cpu_kernel", _kernel("grouped_topk"), _paddle_cpu), id="cpu_kernel-paddle"),
+    pytest.param(RoutePath("composite_torch", _composite("composite_torch"), _torch_cpu), id="composite_torch"),
+    pytest.param(RoutePath("composite_paddle", _composite("composite_paddle"), _paddle_cpu), id="composite_paddle"),
+    pytest.param(RoutePath("fused", _kernel("grouped_topk"), _torch_cuda), id="fused", marks=pytest.mark.gpu),
+    pytest.param(
+        RoutePath("two_kernel", _kernel("two_kernel_grouped_topk"), _torch_cuda),
+        id="two_kernel",
+        marks=pytest.mark.gpu,
+    ),
+    pytest.param(
+        RoutePath("fused_block", _kernel("fused_block_grouped_topk"), _torch_cuda),
+        id="fused_block",
+        marks=pytest.mark.gpu,
+    ),
+    pytest.param(
+        RoutePath("composite_torch", _composite("composite_torch"), _torch_cuda),
+        id="composite_torch-cuda",
+        marks=pytest.mark.gpu,
+    ),
+]
+
+
+@pytest.fixture(params=PATHS)
+def route(request) -> RoutePath:
+    return request.param
+
+
+def assert_weights(path: RoutePath, actual, expected) -> None:
+    """Exact on the reference; within the alignment standard's relative tolerance on every other path."""
+    expected = np.asarray(expected, dtype=np.float32)
+    if path.exact_weights:
+        assert np.asarray(actual).tolist() == expected.tolist()
+    else:
+        np.testing.assert_allclose(actual, expected, rtol=WEIGHT_RTOL, atol=0)
+
+
+def assert_scores_scatter(scores, values, ids) -> None:
+    """Rule 6, exact on every path: the weights at the chosen ids and zero elsewhere."""
+    expected = np.zeros_like(scores)
+    np.put_along_axis(expected, ids.astype(np.int64), values, axis=1)
+    assert scores.tolist() == expected.tolist()
 
 
 def sig(v: float) -> np.float32:
     return np.float32(1.0) / (np.float32(1.0) + np.exp(np.float32(-v)))
 
 
-def test_tied_groups_keep_lower_group_index():
+def test_tied_groups_keep_lower_group_index(route):
     # Four groups of two with identical contents: groups 0 and 1 must win the tie.
     x = [1.0, 0.0] * 4
-    _, _, ids = route(x, np.zeros(8), 4, 2, 2)
-    assert sorted(ids[0].tolist()) == [0, 2]
+    scores, values, ids = route(x, np.zeros(8), 4, 2, 2)
+    assert ids[0].tolist() == [0, 2]
+    assert_weights(route, values[0], [np.float32(0.5)] * 2)
+    assert_scores_scatter(scores, values, ids)
 
 
-def test_tied_experts_keep_lower_index_and_order():
+def test_tied_experts_keep_lower_index_and_order(route):
     x = [0.5, 0.7, 0.5, 0.7, 0.5, 0.1]
     _, values, ids = route(x, np.zeros(6), 1, 1, 4)
     assert ids[0].tolist() == [1, 3, 0, 2]
-    assert values[0][0] == values[0][1]
+    assert values[0][0] == values[0][1] and values[0][2] == values[0][3]
 
 
-def test_repeated_maximum_counts_twice_in_group_score():
+def test_repeated_maximum_counts_twice_in_group_score(route):
     # Group 0: max 0.9 twice (sum 1.8); group 1: 0.95 and 0.1 (sum 1.05). Group 0 must win.
     x = np.zeros(8, dtype=np.float32)
     bias = np.array([0.9, 0.9, -5, -5, 0.95, 0.1, -5, -5], dtype=np.float32) - sig(0.0)
     _, _, ids = route(x, bias, 2, 1, 2)
-    assert sorted(ids[0].tolist()) == [0, 1]
+    assert ids[0].tolist() == [0, 1]
 
 
-def test_all_negative_biased_scores_still_route_by_order():
+def test_all_negative_biased_scores_still_route_by_order(route):
     bias = np.full(8, -3.0, dtype=np.float32)
     x = np.array([0.1, 0.2, 3.0, 2.0, -1.0, -2.0, 0.0, 0.3], dtype=np.float32)
     scores, values, ids = route(x, bias, 4, 2, 2)
@@ -53,53 +164,56 @@ def test_all_negative_biased_scores_still_route_by_order():
     assert (b < 0).all()
     # Group 1 (experts 2, 3) and group 3 (experts 6, 7) hold the largest sums.
     assert ids[0].tolist() == [2, 3]
-    assert (values[0] > 0).all()
+    w = np.array([sig(3.0), sig(2.0)], dtype=np.float32)
+    assert_weights(route, values[0], w / (w[0] + w[1] + np.float32(1e-20)))
+    assert_scores_scatter(scores, values, ids)
 
 
-def test_nan_experts_are_never_chosen():
+def test_nan_experts_are_never_chosen(route):
     x = np.array([NAN, 5.0, NAN, 1.0, 0.5, NAN, 0.2, 0.1], dtype=np.float32)
     _, _, ids = route(x, np.zeros(8), 1, 1, 3)
     assert ids[0].tolist() == [1, 3, 4]
 
 
-def test_nan_row_falls_back():
+def test_nan_row_falls_back(route):
     scores, values, ids = route(np.full(8, NAN), np.zeros(8), 2, 1, 3, renormalize=True, scale=2.0)
     assert ids[0].tolist() == [0, 1, 2]
     assert (values[0] == np.float32(1) / np.float32(3)).all()
     assert (scores[0, :3] == values[0]).all() and (scores[0, 3:] == 0).all()
 
 
-def test_too_few_valid_experts_in_kept_groups_falls_back():
+def test_too_few_valid_experts_in_kept_groups_falls_back(route):
     # The kept group (group 0 by score) has one valid expert, top_k=2 needs two.
     x = np.array([9.0, NAN, NAN, NAN, 0.0, 0.0, 0.0, 0.0], dtype=np.float32)
     bias = np.array([0, 0, 0, 0, -2, -2, -2, -2], dtype=np.float32)
     _, values, ids = route(x, bias, 2, 1, 2)
     # Group 0 holds one valid expert, so it scores -inf with two needed: group 1 is kept and routes.
-    assert sorted(ids[0].tolist()) == [4, 5]
+    assert ids[0].tolist() == [4, 5]
     x = np.array([9.0, 8.0, NAN, NAN, NAN, NAN, NAN, NAN], dtype=np.float32)
-    _, values, ids = route(x, np.zeros(8), 4, 2, 3)
+    scores, values, ids = route(x, np.zeros(8), 4, 2, 3)
     assert ids[0].tolist() == [0, 1, 2]
     assert (values[0] == np.float32(1) / np.float32(3)).all()
+    assert_scores_scatter(scores, values, ids)
 
 
-def test_kept_group_scoring_minus_inf_falls_back():
+def test_kept_group_scoring_minus_inf_falls_back(route):
     # Only one group has two valid experts; two groups must be kept, the second scores -inf.
     x = np.array([1.0, 2.0, 3.0, NAN, NAN, NAN, NAN, NAN], dtype=np.float32)
-    _, values, ids = route(x, np.zeros(8), 4, 2, 1)
+    _, values, ids = route(x, np.zeros(8), 4, 2, 1, scale=3.0)
     assert ids[0].tolist() == [0]
     assert values[0, 0] == np.float32(1.0)
 
 
-def test_infinite_logits_are_valid():
+def test_infinite_logits_are_valid(route):
     x = np.array([INF, -INF, 0.0, INF, 1.0, -INF], dtype=np.float32)
     _, values, ids = route(x, np.zeros(6), 1, 1, 3, renormalize=False)
     assert ids[0].tolist() == [0, 3, 4]
-    assert values[0, 0] == 1.0 and values[0, 1] == 1.0
+    assert_weights(route, values[0], [1.0, 1.0, sig(1.0)])
     _, values, ids = route(np.full(4, -INF), np.zeros(4), 1, 1, 2, renormalize=False)
     assert ids[0].tolist() == [0, 1] and (values[0] == 0.0).all()
 
 
-def test_one_expert_per_group():
+def test_one_expert_per_group(route):
     x = np.array([0.1, 0.9, 0.5, 0.7], dtype=np.float32)
     _, _, ids = route(x, np.zeros(4), 4, 2, 2)
     assert ids[0].tolist() == [1, 3]
@@ -108,18 +222,18 @@ def test_one_expert_per_group():
     assert ids[0].tolist() == [3, 2]
     # Three groups kept but only two valid: the third kept group scores -inf and the row falls back.
     x = np.array([NAN, NAN, 0.5, 0.7], dtype=np.float32)
-    _, _, ids = route(x, np.zeros(4), 4, 3, 2)
-    assert ids[0].tolist() == [0, 1]
+    _, values, ids = route(x, np.zeros(4), 4, 3, 2)
+    assert ids[0].tolist() == [0, 1] and (values[0] == np.float32(0.5)).all()
 
 
-def test_group_scoring_skipped_when_every_group_is_kept():
+def test_group_scoring_skipped_when_every_group_is_kept(route):
     # Group 0 has a single valid expert (it would score -inf), but with every group kept it still routes.
     x = np.array([5.0, NAN, 1.0, 2.0], dtype=np.float32)
     _, values, ids = route(x, np.zeros(4), 2, 2, 2)
     assert ids[0].tolist() == [0, 3]
 
 
-def test_thirty_two_groups():
+def test_thirty_two_groups(route):
     rng = np.random.default_rng(3)
     x = rng.standard_normal(256).astype(np.float32)
     _, _, ids = route(x, np.zeros(256), 32, 8, 8)
@@ -133,13 +247,13 @@ def test_thirty_two_groups():
 
 
 @pytest.mark.parametrize("num_experts,n_group,topk_group", [(72, 1, 1), (160, 8, 3), (160, 1, 1)])
-def test_non_power_of_two_expert_counts(num_experts, n_group, topk_group):
+def test_non_power_of_two_expert_counts(route, num_experts, n_group, topk_group):
     x = np.linspace(-2, 2, num_experts, dtype=np.float32)[::-1].copy()
     _, _, ids = route(x, np.zeros(num_experts), n_group, topk_group, 6)
     assert ids[0].tolist() == list(range(6))
 
 
-def test_top_k_thirty_two():
+def test_top_k_thirty_two(route):
     rng = np.random.default_rng(5)
     x = rng.permutation(np.linspace(-3, 3, 512, dtype=np.float32))
     _, values, ids = route(x, np.zeros(512), 1, 1, 32)
@@ -147,30 +261,41 @@ def test_top_k_thirty_two():
     assert abs(float(values.sum()) - 1.0) < 1e-5
 
 
-def test_renormalize_off_still_applies_scale():
+def test_renormalize_off_still_applies_scale(route):
     x = np.array([1.0, 0.0, -1.0, 2.0], dtype=np.float32)
     _, values, ids = route(x, np.zeros(4), 1, 1, 2, renormalize=False, scale=2.5)
     assert ids[0].tolist() == [3, 0]
-    assert values[0].tolist() == [sig(2.0) * np.float32(2.5), sig(1.0) * np.float32(2.5)]
+    assert_weights(route, values[0], [sig(2.0) * np.float32(2.5), sig(1.0) * np.float32(2.5)])
 
 
-def test_renormalize_divides_by_float32_sum_plus_epsilon():
+def test_renormalize_divides_by_float32_sum_plus_epsilon(route):
     x = np.array([1.0, 0.0, -1.0, 2.0], dtype=np.float32)
     _, values, _ = route(x, np.zeros(4), 1, 1, 2, renormalize=True, scale=3.0)
     w = np.array([sig(2.0), sig(1.0)], dtype=np.float32)
-    expected = w / (w[0] + w[1] + np.float32(1e-20)) * np.float32(3.0)
-    assert values[0].tolist() == expected.tolist()
+    assert_weights(route, values[0], w / (w[0] + w[1] + np.float32(1e-20)) * np.float32(3.0))
 
 
-def test_fallback_weights_are_neither_renormalised_nor_scaled():
-    _, values, ids = route(np.full(8, NAN), np.zeros(8), 1, 1, 4, renormalize=False, scale=7.0)
+def test_fallback_weights_are_neither_renormalised_nor_scaled(route):
+    scores, values, ids = route(np.full(8, NAN), np.zeros(8), 1, 1, 4, renormalize=False, scale=7.0)
     assert values[0].tolist() == [0.25] * 4 and ids[0].tolist() == [0, 1, 2, 3]
+    assert_scores_scatter(scores, values, ids)
 
 
-def test_empty_batch_gives_empty_outputs():
-    scores, values, ids = reference.grouped_topk(
-        np.zeros((0, 16), np.float32), np.zeros(16, np.float32), 2, 1, 2, True, 1.0
-    )
+def test_float16_subnormal_logits_are_read_at_full_value(route):
+    # sigmoid(x) ~ 1/2 + x/4: the largest float16 subnormal (1023 * 2^-24) lifts expert 0 above expert 1, whose
+    # float32 bias of 1e-5 sits between a quarter of it and a quarter of half of it.
+    x = np.zeros((1, 4), np.float16)
+    x[0, 0] = np.float16(1023 * 2.0**-24)
+    x[0, 2] = np.float16(-1.0)
+    x[0, 3] = np.float16(-2.0)
+    bias = np.array([0.0, 1e-5, 0.0, 0.0], np.float32)
+    _, values, ids = route(x, bias, 1, 1, 1, renormalize=False)
+    assert ids[0].tolist() == [0]
+    assert_weights(route, values[0], [reference.sigmoid(x)[0, 0]])
+
+
+def test_empty_batch_gives_empty_outputs(route):
+    scores, values, ids = route(np.zeros((0, 16), np.float32), np.zeros(16, np.float32), 2, 1, 2, True, 1.0)
     assert scores.shape == (0, 16) and values.shape == (0, 2) and ids.shape == (0, 2)
 
 
@@ -243,8 +368,9 @@ def test_config_validation():
         )
 
 
-def test_renormalising_all_zero_weights_gives_zeros_not_nan():
+def test_renormalising_all_zero_weights_gives_zeros_not_nan(route):
     # sigmoid(-inf) = 0 for every chosen expert: the 1e-20 in the denominator keeps 0 / 0 out.
-    _, values, ids = route(np.full(6, -INF), np.zeros(6), 1, 1, 3, renormalize=True, scale=2.0)
+    scores, values, ids = route(np.full(6, -INF), np.zeros(6), 1, 1, 3, renormalize=True, scale=2.0)
     assert ids[0].tolist() == [0, 1, 2]
     assert values[0].tolist() == [0.0, 0.0, 0.0]
+    assert_scores_scatter(scores, values, ids)
