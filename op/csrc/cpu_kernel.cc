@@ -365,7 +365,18 @@ int thread_budget(int64_t requested) {
   return affinity_cpus();
 }
 
+// Threads one call runs on: the budget, fewer where the rows hold too little work for each.
+int threads_for(int64_t rows, int64_t experts, int budget) {
+  const int64_t by_work = std::max<int64_t>(1, rows * experts / kMinExpertsPerThread);
+  return static_cast<int>(std::min<int64_t>({budget, by_work, std::max<int64_t>(rows, 1)}));
+}
+
 }  // namespace
+
+// The threads `cpu_grouped_topk` would run on for this shape and keyword (0 = default).
+int64_t cpu_thread_count(int64_t num_tokens, int64_t num_experts, int64_t num_threads) {
+  return threads_for(num_tokens, num_experts, thread_budget(num_threads));
+}
 
 void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> scores, TensorView values,
                       TensorView indices, int64_t n_group, int64_t topk_group, int64_t top_k, bool renormalize,
@@ -379,8 +390,6 @@ void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> s
   check_bias(bias, experts, logits);
   const TensorView* scores_ptr = scores.has_value() ? &scores.value() : nullptr;
   const bool index64 = check_outputs(scores_ptr, values, indices, rows, experts, top_k, logits);
-  const int threads_allowed = thread_budget(num_threads);
-
   Routing p;
   p.experts = static_cast<int>(experts);
   p.n_group = static_cast<int>(n_group);
@@ -402,8 +411,7 @@ void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> s
              index64,
              scores_ptr ? static_cast<float*>(data_of(*scores_ptr)) : nullptr};
 
-  const int64_t by_work = std::max<int64_t>(1, rows * experts / kMinExpertsPerThread);
-  const int threads = static_cast<int>(std::min<int64_t>({threads_allowed, by_work, rows}));
+  const int threads = threads_for(rows, experts, thread_budget(num_threads));
   if (threads <= 1) {
     route(p, io, 0, rows);
     return;
@@ -427,3 +435,4 @@ void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> s
 }  // namespace fusedgate
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_grouped_topk, fusedgate::cpu_grouped_topk);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_thread_count, fusedgate::cpu_thread_count);
