@@ -95,6 +95,17 @@ def mutants(session: nox.Session) -> None:
     session.run("python", "-m", "harness.mutants", *session.posargs)
 
 
+@nox.session(venv_backend=HARNESS_BACKEND)
+def cpubench(session: nox.Session) -> None:
+    """cpu_kernel against the reference for every preset at T = 1 .. 65536 on 1 and all threads (markdown + CSV)."""
+    args = session.posargs or ["--out", "reports/cpu-throughput"]
+    if HARNESS_BACKEND == "none":
+        session.run("python3", "-m", "harness.cpu_throughput", *args, env=GPU_ENV)
+        return
+    session.install("-e", ".")
+    session.run("python", "-m", "harness.cpu_throughput", *args)
+
+
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """Every GPU path side by side (graph replays, hot and cold L2) with ratios and the bandwidth floor."""
