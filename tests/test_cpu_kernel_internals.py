@@ -53,12 +53,13 @@ def test_every_thread_count_gives_the_same_bits(name, num_tokens, seed, threads_
 def test_rows_are_split_over_the_threads_asked_for(threads_env):
     count = library().cpu_thread_count
     assert count(4096, 256, 3) == 3
-    assert count(4096, 256, 0) == min(len(os.sched_getaffinity(0)), 8), "8 threads' worth of work at most"
+    assert count(4096, 256, 0) == min(len(os.sched_getaffinity(0)), 16), "16 threads' worth of work at most"
     threads_env("3")
     assert count(4096, 256, 0) == 3
     assert count(4096, 256, 2) == 2, "the keyword wins over the environment"
     assert count(1, 256, 3) == 1, "one token never starts a thread"
-    assert count(64, 256, 3) == 1, "64 tokens are less work than a thread start costs"
+    assert count(200, 256, 3) == 1, "200 tokens are too little work to split"
+    assert count(1024, 128, 3) == 2, "1024 tokens of 128 experts are worth two threads"
 
 
 def test_environment_variable_reaches_a_call(threads_env, seed):
