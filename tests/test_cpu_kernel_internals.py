@@ -34,9 +34,9 @@ def unwritten_outputs(num_tokens: int, num_experts: int, top_k: int):
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "x_e160_g8", "x_e512_k32"])
-@pytest.mark.parametrize("num_tokens", [3001, 130])
+@pytest.mark.parametrize("num_tokens", [1301, 130])
 def test_every_thread_count_gives_the_same_bits(name, num_tokens, seed, threads_env):
-    """3001 tokens do not split evenly over 2 or 3 threads; 130 are too few for more than one."""
+    """1301 tokens split unevenly over 2 or 3 threads (3 for every config here); 130 are too few to split."""
     config = ALL_CONFIGS[name]
     x, bias = generate_input(config, num_tokens, "float32", seed, "nonfinite")
     results = []
@@ -99,12 +99,11 @@ def test_num_threads_at_the_c_boundary_is_checked():
 
 
 @pytest.mark.parametrize("num_experts", [16, 24, 40, 128, 1024])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_equal_experts_go_to_the_lower_index_at_every_selection_width(num_experts, threads):
+def test_equal_experts_go_to_the_lower_index_at_every_selection_width(num_experts):
     """Every expert ties: all are candidates, so 16, 24 and 40 experts take the 16-, 32- and 64-wide rank selection
     and 128 or more the insertion list."""
-    x = np.zeros((2048, num_experts), np.float32)
-    _, values, ids = grouped_topk(x, np.zeros(num_experts, np.float32), 1, 1, 8, True, 1.0, num_threads=threads)
+    x = np.zeros((3, num_experts), np.float32)
+    _, values, ids = grouped_topk(x, np.zeros(num_experts, np.float32), 1, 1, 8, True, 1.0)
     assert (ids == np.arange(8)).all()
     assert (values == np.float32(0.125)).all()
 

@@ -326,11 +326,10 @@ FUSEDGATE_VECTOR_CLONES void route_rows(const Routing& p, const Buffers& io, int
   }
 }
 
+// Every preset routes 8 experts a token; wider top-k (up to 32) shares one copy with a looser bound.
 void route(const Routing& p, const Buffers& io, int64_t begin, int64_t end) {
   if (p.top_k <= 8) {
     route_rows<8>(p, io, begin, end);
-  } else if (p.top_k <= 16) {
-    route_rows<16>(p, io, begin, end);
   } else {
     route_rows<32>(p, io, begin, end);
   }
