@@ -275,7 +275,17 @@ FUSEDGATE_VECTOR_CLONES void route_rows(const Routing& p, const Buffers& io, int
     const float bound = selection_bound<L>(pool, padded);
     int count = 0;
     for (int base = 0; base < pool_size; base += 16) {
-      for (uint32_t passed = at_least_mask16(pool + base, bound); passed != 0; passed &= passed - 1) {
+      uint32_t passed = at_least_mask16(pool + base, bound);
+      // A chunk rarely holds more than two candidates: take two without a branch (the padding absorbs the write
+      // of an absent one), so the loop that follows seldom runs and its exit is seldom mispredicted.
+      for (int unrolled = 0; unrolled < 2; ++unrolled) {
+        const int i = base + __builtin_ctz(passed | 0x10000u);
+        cand_key[count] = pool[i];
+        cand_pos[count] = i;
+        count += passed != 0;
+        passed &= passed - 1;
+      }
+      for (; passed != 0; passed &= passed - 1) {
         const int i = base + __builtin_ctz(passed);
         cand_key[count] = pool[i];
         cand_pos[count++] = i;
