@@ -38,6 +38,19 @@ def floor_us(tokens: int, experts: int, top_k: int, elem: int, scores: bool, ban
     return floor_bytes(tokens, experts, top_k, elem, scores) / bandwidth * 1e6
 
 
+def floor_fraction_row(latency: dict, floor: float, timing) -> dict:
+    """The ``floor_fraction`` row (floor time / measured time) beside a latency row."""
+    return {
+        **latency,
+        "metric": "floor_fraction",
+        "unit": "fraction",
+        # A fraction falls as time rises, so the quartiles swap ends.
+        "p25": f"{floor / timing.p75:.4g}",
+        "p50": f"{floor / timing.p50:.4g}",
+        "p75": f"{floor / timing.p25:.4g}",
+    }
+
+
 def _paths():
     from op import fused_block_grouped_topk, grouped_topk, two_kernel_grouped_topk
     from op.composite import composite_torch
@@ -127,16 +140,7 @@ def measure(
                 rows.append(row)
                 if mode == "cold":
                     floor = floor_us(tokens, config.num_experts, config.top_k, elem, scores, bandwidth)
-                    fraction = {
-                        **row,
-                        "metric": "floor_fraction",
-                        "unit": "fraction",
-                        # A fraction falls as time rises, so the quartiles swap ends.
-                        "p25": f"{floor / timing.p75:.4g}",
-                        "p50": f"{floor / timing.p50:.4g}",
-                        "p75": f"{floor / timing.p25:.4g}",
-                    }
-                    rows.append(fraction)
+                    rows.append(floor_fraction_row(row, floor, timing))
     return result, rows
 
 
