@@ -46,9 +46,10 @@ constexpr float kMaxFinite = std::numeric_limits<float>::max();
 constexpr int kPad = 32;
 constexpr int kRowCapacity = kMaxExperts + kPad;
 constexpr int kMaxThreads = 1024;
-// Below this many experts (rows x E) per thread, a thread costs more than it saves: starting and joining one took
-// 25 us at best and 80 us on average on a loaded 2-core x86-64 machine, and 65536 experts take about 150 us.
-constexpr int64_t kMinExpertsPerThread = 1 << 16;
+// Below this many experts (rows x E) per thread, a thread costs more than it saves. On the shared 2-core x86-64
+// machine a thread start and join took 25 us at best and 80 us on average, yet two threads only broke even at
+// 2048 tokens of 128 experts (about 0.5 ms of work) and lost below it, the second core being rarely free.
+constexpr int64_t kMinExpertsPerThread = 1 << 18;
 // Above this many candidates the quadratic rank selection is slower than insertion into a top-k list.
 constexpr int kRankSelectLimit = 64;
 
