@@ -182,6 +182,13 @@ def hostcost(session: nox.Session) -> None:
 
 
 @nox.session
+def cpubench(session: nox.Session) -> None:
+    """cpu_kernel against the reference for every preset at T = 1 .. 65536 on 1 and all threads (markdown + CSV)."""
+    args = session.posargs or ["--out", "reports/cpu-throughput"]
+    _harness(session, *args, posargs=False, module="harness.cpu_throughput")
+
+
+@nox.session
 def report(session: nox.Session) -> None:
     """The main job: alignment, crossover sweep and plots into reports/<date>-<card>/ (CPU paths without a GPU)."""
     _harness(session, "report")

@@ -34,7 +34,12 @@ C_SUFFIXES = {".cc", ".cu", ".cuh", ".h"}
 CPU_TESTS = {
     "op/reference.py": ["tests/test_reference_rules.py", "-k", "[reference"],
     "op/testing.py": ["tests/test_checker.py"],
-    "op/csrc/cpu_kernel.cc": ["tests/test_reference_rules.py", "-k", "cpu_kernel-numpy"],
+    "op/csrc/cpu_kernel.cc": [
+        "tests/test_reference_rules.py",
+        "tests/test_cpu_kernel_internals.py",
+        "-k",
+        "cpu_kernel-numpy or test_cpu_kernel_internals",
+    ],
 }
 GPU_TESTS = {
     "op/csrc/routing.cuh": ["tests/test_reference_rules.py", "-k", "fused or two_kernel"],

@@ -14,6 +14,7 @@ Inside ``torch.compile`` the entry points call the ``torch.library`` custom ops 
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -157,10 +158,24 @@ def _host_input(dtype: Any) -> Callable[[Any], Any]:
     return writable
 
 
-def _fused_plan(entry, need_cuda, x, bias, n_group, topk_group, top_k, renormalize, scale, index_dtype, scores, nt):
+def _check_num_threads(num_threads: Any, cuda: bool) -> None:
+    if cuda:
+        raise ValueError("num_threads is supported for CPU tensors only")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) or not 1 <= num_threads <= 1024:
+        raise ValueError(
+            f"num_threads={num_threads!r} is invalid: allowed an int 1 <= num_threads <= 1024, or None for "
+            "$FUSEDGATE_CPU_THREADS or else the CPUs this process may run on"
+        )
+
+
+def _fused_plan(
+    entry, need_cuda, x, bias, n_group, topk_group, top_k, renormalize, scale, index_dtype, scores, nt, num_threads
+):
     adapter, rows, experts = _check_common(
         x, bias, n_group, topk_group, top_k, scale, index_dtype, nt, need_cuda, entry
     )
+    if num_threads is not None:
+        _check_num_threads(num_threads, adapter.cuda)
     args = _routing_args(n_group, topk_group, top_k, renormalize, scale)
     specs = _specs_topk(rows, top_k, index_dtype)
     if scores:
@@ -190,6 +205,8 @@ def _fused_plan(entry, need_cuda, x, bias, n_group, topk_group, top_k, renormali
         return run
 
     launch_cpu = library().cpu_grouped_topk
+    # The C++ kernel's thread count: 0 leaves it to $FUSEDGATE_CPU_THREADS or the process's CPU affinity.
+    args = (*args, 0 if num_threads is None else int(num_threads))
     if adapter.framework == "numpy":
         to_host, bias_to_host = _host_input(x.dtype), _host_input(bias.dtype)
 
@@ -230,9 +247,13 @@ def _single_launch(entry: str, need_cuda: bool, name: str):
         return_scores: bool = True,
         num_tokens: Any = None,
         out: tuple | None = None,
+        num_threads: int | None = None,
     ) -> tuple:
         if _torch_compiling():
             from op.torch_ops import compiled_call
+
+            if num_threads is not None:
+                raise ValueError("num_threads cannot be given inside torch.compile: set $FUSEDGATE_CPU_THREADS")
 
             return compiled_call(
                 name, gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
@@ -262,6 +283,8 @@ def _single_launch(entry: str, need_cuda: bool, name: str):
                 return_scores,
                 type(return_scores),
                 num_tokens is None,
+                num_threads,
+                type(num_threads),
             )
         except AttributeError:
             key = None  # not a tensor: building the plan names the argument
@@ -274,7 +297,7 @@ def _single_launch(entry: str, need_cuda: bool, name: str):
         if plan is None:
             plan = _fused_plan(
                 entry, need_cuda, gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
-                routed_scaling_factor, index_dtype, bool(return_scores), num_tokens,
+                routed_scaling_factor, index_dtype, bool(return_scores), num_tokens, num_threads,
             )  # fmt: skip
             if key is not None:
                 _keep(key, plan)
@@ -290,6 +313,8 @@ grouped_topk.__doc__ = """Path ``fused`` on CUDA tensors (exactly one kernel lau
 Returns ``(scores [T, E] float32 or None, topk_values [T, K] float32, topk_indices [T, K] int64|int32)``.
 ``num_tokens`` (CUDA only): an int32 device scalar; rows at or past it are left untouched.
 ``out``: preallocated ``(scores, topk_values, topk_indices)``, checked for shape, dtype and device.
+``num_threads`` (CPU only): threads for the C++ kernel; default ``$FUSEDGATE_CPU_THREADS``, else the CPUs this
+process may run on. Small batches run on one thread whatever the count.
 """
 
 fused_block_grouped_topk = _single_launch("fused_block_grouped_topk", True, "fused_block_grouped_topk")

@@ -116,6 +116,7 @@ def test_library_rejects_bad_shapes_at_the_c_boundary():
             8,
             True,
             1.0,
+            0,
         )
 
 

@@ -230,3 +230,10 @@ def test_public_two_kernel_entry_points_compose(seed):
     out = noaux_tc(scores, biased, *config.args())
     assert out[0] is scores
     assert_bit_identical({"composed": out, "two_kernel": two_kernel_grouped_topk(xd, bd, *config.args())})
+
+
+def test_num_threads_is_refused_for_cuda_tensors():
+    """The thread count steers the C++ CPU kernel only; on CUDA tensors it is an error, not silently ignored."""
+    x = torch.zeros((4, 256), device="cuda")
+    with pytest.raises(ValueError, match="num_threads is supported for CPU tensors only"):
+        grouped_topk(x, torch.zeros(256, device="cuda"), 8, 4, 8, True, 1.0, num_threads=2)

@@ -1,0 +1,144 @@
+"""The C++ CPU kernel's own machinery: rows split over threads, the thread count's sources, the selection widths it
+switches between, and its float decoding and sigmoid at the edges. Inputs are hand-built (answers known exactly)
+or drawn from ``generate_input`` with the run's recorded seed."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from harness.inputs import generate_input
+from op import grouped_topk, reference
+from op.build import library
+from op.configs import ALL_CONFIGS
+from op.testing import WEIGHT_RTOL, assert_routing_close
+
+THREADS_ENV = "FUSEDGATE_CPU_THREADS"
+
+
+@pytest.fixture
+def threads_env(monkeypatch):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    return lambda value: monkeypatch.setenv(THREADS_ENV, value)
+
+
+def unwritten_outputs(num_tokens: int, num_experts: int, top_k: int):
+    """Outputs filled with values no routed row holds, so a row that no thread wrote shows."""
+    return (
+        np.full((num_tokens, num_experts), np.nan, np.float32),
+        np.full((num_tokens, top_k), np.nan, np.float32),
+        np.full((num_tokens, top_k), -1, np.int64),
+    )
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "x_e160_g8", "x_e512_k32"])
+@pytest.mark.parametrize("num_tokens", [4919, 130])
+def test_every_thread_count_gives_the_same_bits(name, num_tokens, seed, threads_env):
+    """4919 tokens split unevenly over 2 or 3 threads (3 for every config here); 130 are too few to split."""
+    config = ALL_CONFIGS[name]
+    x, bias = generate_input(config, num_tokens, "float32", seed, "nonfinite")
+    results = []
+    for threads in (1, 2, 3):
+        out = unwritten_outputs(num_tokens, config.num_experts, config.top_k)
+        grouped_topk(x, bias, *config.args(), out=out, num_threads=threads)
+        results.append(out)
+    for out in results[1:]:
+        for got, want in zip(out, results[0], strict=True):
+            assert np.array_equal(got, want)
+    assert_routing_close(results[0], x, bias, config)
+
+
+def test_rows_are_split_over_the_threads_asked_for(threads_env):
+    count = library().cpu_thread_count
+    assert count(4096, 256, 3) == 3
+    assert count(4096, 256, 0) == min(len(os.sched_getaffinity(0)), 4), "4 threads' worth of work at most"
+    threads_env("3")
+    assert count(4096, 256, 0) == 3
+    assert count(4096, 256, 2) == 2, "the keyword wins over the environment"
+    assert count(1, 256, 3) == 1, "one token never starts a thread"
+    assert count(1024, 256, 3) == 1, "1024 tokens are too little work to split"
+    assert count(4096, 128, 3) == 2, "4096 tokens of 128 experts are worth two threads"
+
+
+def test_environment_variable_reaches_a_call(threads_env, seed):
+    config = ALL_CONFIGS["deepseek_v3"]
+    x, bias = generate_input(config, 8, "float32", seed)
+    threads_env("not-a-number")
+    with pytest.raises(ValueError, match=THREADS_ENV):
+        grouped_topk(x, bias, *config.args())
+    assert_routing_close(grouped_topk(x, bias, *config.args(), num_threads=1), x, bias, config)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "2x", "1025", " "])
+def test_bad_environment_values_are_rejected(value, threads_env):
+    threads_env(value)
+    with pytest.raises(ValueError, match=f"{THREADS_ENV}='{value}' is invalid: allowed an integer 1 <="):
+        library().cpu_thread_count(4096, 256, 0)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1025, 1.5, True, "2", np.float32(2.0)])
+def test_bad_num_threads_are_rejected(value):
+    x = np.zeros((4, 256), np.float32)
+    with pytest.raises(ValueError, match="num_threads=.* is invalid: allowed an int 1 <= num_threads <= 1024"):
+        grouped_topk(x, np.zeros(256, np.float32), 8, 4, 8, True, 1.0, num_threads=value)
+
+
+def test_numpy_integer_num_threads_is_accepted(seed):
+    config = ALL_CONFIGS["glm45_air"]
+    x, bias = generate_input(config, 5, "float32", seed)
+    assert_routing_close(grouped_topk(x, bias, *config.args(), num_threads=np.int64(2)), x, bias, config)
+
+
+def test_num_threads_at_the_c_boundary_is_checked():
+    x = np.zeros((2, 8), np.float32)
+    args = (np.zeros(8, np.float32), None, np.zeros((2, 2), np.float32), np.zeros((2, 2), np.int64), 1, 1, 2, True, 1.0)
+    with pytest.raises(ValueError, match="num_threads=-1 is out of range"):
+        library().cpu_grouped_topk(x, *args, -1)
+
+
+@pytest.mark.parametrize("num_experts", [16, 24, 40, 128, 1024])
+def test_equal_experts_go_to_the_lower_index_at_every_selection_width(num_experts):
+    """Every expert ties: all are candidates, so 16, 24 and 40 experts take the 16-, 32- and 64-wide rank selection
+    and 128 or more the insertion list."""
+    x = np.zeros((3, num_experts), np.float32)
+    _, values, ids = grouped_topk(x, np.zeros(num_experts, np.float32), 1, 1, 8, True, 1.0)
+    assert (ids == np.arange(8)).all()
+    assert (values == np.float32(0.125)).all()
+
+
+@pytest.mark.parametrize("num_experts", [24, 128])
+def test_strictly_ordered_experts_come_out_in_order(num_experts):
+    ramp = np.arange(num_experts, dtype=np.float32) / num_experts
+    x = np.stack([ramp, -ramp])
+    _, _, ids = grouped_topk(x, np.zeros(num_experts, np.float32), 1, 1, 8, True, 1.0)
+    assert ids[0].tolist() == list(range(num_experts - 1, num_experts - 9, -1))
+    assert ids[1].tolist() == list(range(8))
+
+
+def test_float16_nan_and_inf_logits_decode_as_such():
+    # A NaN logit is invalid however large its bias; +-inf are valid with s = 1 and 0.
+    x = np.array([[np.nan, -np.inf, np.inf, 0.0]], np.float16)
+    bias = np.array([10.0, 0.0, 0.0, 0.0], np.float32)
+    _, values, ids = grouped_topk(x, bias, 1, 1, 3, False, 1.0)
+    assert ids[0].tolist() == [2, 3, 1]
+    assert values[0].tolist() == [1.0, 0.5, 0.0]
+
+
+def test_infinite_bias_makes_an_expert_invalid():
+    x = np.zeros((1, 4), np.float32)
+    bias = np.array([np.inf, 0.0, -np.inf, 0.1], np.float32)
+    _, _, ids = grouped_topk(x, bias, 1, 1, 2, True, 1.0)
+    assert ids[0].tolist() == [3, 1]
+
+
+def test_sigmoid_holds_the_standard_where_exp_saturates_and_overflows():
+    """Near 1 (the argument clamp) and at subnormal and zero scores (exp near and past float's largest value)."""
+    x = np.array([[12.0, 15.0, 17.0, 30.0, -87.0, -88.5, -88.72, -89.0, -100.0, -np.inf]], np.float32)
+    bias = np.zeros(10, np.float32)
+    _, values, ids = grouped_topk(x, bias, 1, 1, 10, False, 1.0)
+    _, expected_values, expected_ids = reference.grouped_topk(x, bias, 1, 1, 10, False, 1.0)
+    assert ids.tolist() == expected_ids.tolist()
+    np.testing.assert_allclose(values, expected_values, rtol=WEIGHT_RTOL, atol=0)
+    assert values[0][-3:].tolist() == [0.0, 0.0, 0.0]
