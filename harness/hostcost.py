@@ -113,7 +113,7 @@ def _library_call(cuda: bool, x, bias, out, args) -> Callable[[], object]:
         entry = library().fused_grouped_topk
         return lambda: entry(x, bias, *out, None, *args)
     entry = library().cpu_grouped_topk
-    return lambda: entry(x, bias, *out, *args)
+    return lambda: entry(x, bias, *out, *args, 0)
 
 
 def _time_rows(

@@ -163,7 +163,7 @@ def test_the_library_reads_from_the_dlpack_byte_offset(seed):
     keep: list = []
     shifted = tvm_ffi.from_dlpack(_capsule_with_offset(buffer, pad * 4, x.shape, keep))
     values, ids = np.empty((5, 8), np.float32), np.empty((5, 8), np.int64)
-    library().cpu_grouped_topk(shifted, bias, None, values, ids, *DEEPSEEK.args())
+    library().cpu_grouped_topk(shifted, bias, None, values, ids, *DEEPSEEK.args(), 1)
     _, expected_values, expected_ids = grouped_topk(x, bias, *DEEPSEEK.args())
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_array_equal(values, expected_values)
