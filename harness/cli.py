@@ -103,7 +103,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _model_settings(args: argparse.Namespace) -> list:
-    from graphs.models import ModelSettings
+    from graphs.serve.models import ModelSettings
 
     return [
         ModelSettings(
@@ -121,16 +121,16 @@ def _model_settings(args: argparse.Namespace) -> list:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from graphs.models import ServedModel
-    from graphs.server import serve
+    from graphs.serve.models import ServedModel
+    from graphs.serve.server import serve
 
     models = [ServedModel(s) for s in _model_settings(args)]
     return serve(models, args.settings, args.host, args.port)
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from graphs.loadtest import describe, run_loadtest, spawn_server, stop_server
-    from graphs.server import free_port
+    from graphs.serve.loadtest import describe, run_loadtest, spawn_server, stop_server
+    from graphs.serve.server import free_port
 
     process, url = None, args.url
     if not url:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = args.dtype or ["bfloat16"]
         args.distribution = args.distribution or list(DISTRIBUTIONS)
     if args.command == "serve":
-        from graphs.server import ServerSettings
+        from graphs.serve.server import ServerSettings
 
         args.bias_files = {}
         for spec in args.bias or []:

@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("fastapi")
 http = pytest.importorskip("tritonclient.http")
 
-from graphs.loadtest import run_loadtest  # noqa: E402
-from graphs.models import ModelSettings, ServedModel, load_bias, seeded_bias  # noqa: E402
-from graphs.protocol import INPUT_DATATYPES  # noqa: E402
-from graphs.server import ServerSettings, create_app, running_server  # noqa: E402
+from graphs.serve.loadtest import run_loadtest  # noqa: E402
+from graphs.serve.models import ModelSettings, ServedModel, load_bias, seeded_bias  # noqa: E402
+from graphs.serve.protocol import INPUT_DATATYPES  # noqa: E402
+from graphs.serve.server import ServerSettings, create_app, running_server  # noqa: E402
 from op.configs import PRESETS  # noqa: E402
 from op.testing import assert_routing_close  # noqa: E402
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from graphs.batcher import DynamicBatcher, QueueFull, ShuttingDown
+from graphs.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
 
 
 class Recorder:

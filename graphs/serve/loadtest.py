@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.models import bias_digest, load_bias, seeded_bias
-from graphs.protocol import INPUT_DATATYPES
+from graphs.serve.models import bias_digest, load_bias, seeded_bias
+from graphs.serve.protocol import INPUT_DATATYPES
 from op.configs import RoutingConfig
 
 ENCODINGS = ("mixed", "binary")

@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from graphs.batcher import BatchRecord, DynamicBatcher, Pending, QueueFull, ShuttingDown
-from graphs.metrics import ServiceMetrics
-from graphs.models import ServedModel
-from graphs.protocol import HEADER_LENGTH, ModelSignature, ProtocolError, encode_infer_response, parse_infer
+from graphs.serve.batcher import BatchRecord, DynamicBatcher, Pending, QueueFull, ShuttingDown
+from graphs.serve.metrics import ServiceMetrics
+from graphs.serve.models import ServedModel
+from graphs.serve.protocol import HEADER_LENGTH, ModelSignature, ProtocolError, encode_infer_response, parse_infer
 
 NVTX_DOMAIN = "fusedgate"
 SERVER_NAME = "fusedgate"

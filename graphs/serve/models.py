@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from graphs.buckets import BucketTable, bucket_list
-from graphs.protocol import INPUT_DATATYPES
+from graphs.serve.protocol import INPUT_DATATYPES
 from op.configs import RoutingConfig, get_config
 
 BIAS_KEY = "e_score_correction_bias"
