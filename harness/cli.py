@@ -234,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-bucket", type=int, default=8192, help="largest bucket: the most rows one batch takes")
     serve.add_argument("--max-queue-delay-us", type=int, default=100)
     serve.add_argument("--max-queue-size", type=int, default=1024)
-    serve.add_argument("--max-body-bytes", type=int, default=64 << 20)
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=None, help="default: a binary FP32 request of --max-tokens rows fits"
+    )
+    serve.add_argument("--max-body-bytes-in-flight", type=int, default=None, help="default: twice --max-body-bytes")
+    serve.add_argument("--body-timeout-s", type=float, default=30.0, help="a body not in by then gets 408")
     serve.add_argument("--max-tokens", type=int, default=65536, help="most tokens in one request")
     serve.set_defaults(run=_serve)
 
@@ -279,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
             args.bias_files[name] = Path(path)
         try:
             args.settings = ServerSettings(
-                args.max_queue_delay_us, args.max_queue_size, args.max_body_bytes, args.max_tokens
+                args.max_queue_delay_us,
+                args.max_queue_size,
+                args.max_body_bytes,
+                args.max_tokens,
+                args.body_timeout_s,
+                args.max_body_bytes_in_flight,
             )
         except ValueError as error:
             parser.error(str(error))

@@ -8,44 +8,81 @@ uvicorn stops accepting, in-flight requests are answered, then every batcher dra
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import anyio
 import numpy as np
 import nvtx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from graphs.serve.batcher import BatchRecord, DynamicBatcher, Pending, QueueFull, ShuttingDown
+from graphs.serve.body import RETRY_AFTER_S, BodyBudget, ClientGone, content_encoding, decompress, receive_body
 from graphs.serve.metrics import ServiceMetrics
-from graphs.serve.models import ServedModel
-from graphs.serve.protocol import HEADER_LENGTH, ModelSignature, ProtocolError, encode_infer_response, parse_infer
+from graphs.serve.models import MODEL_VERSION, ServedModel
+from graphs.serve.protocol import (
+    HEADER_LENGTH,
+    INPUT_DATATYPES,
+    InferRequest,
+    ModelSignature,
+    ProtocolError,
+    encode_infer_response,
+    parse_infer,
+)
 
 NVTX_DOMAIN = "fusedgate"
 SERVER_NAME = "fusedgate"
-# Bodies above this are decoded and encoded off the event loop, so one large request does not stall the others.
+# Bodies above this are decoded, parsed and encoded off the event loop, so one large request does not stall others.
 THREADPOOL_BYTES = 1 << 20
-DRAIN_FACTOR = 4
+# Room for the JSON header of the largest binary request in the default body limit.
+HEADER_ALLOWANCE = 64 << 10
+INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+log = logging.getLogger("fusedgate.serve")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
+    """``max_body_bytes`` None: the largest binary FP32 request of ``max_tokens`` rows of the widest served model,
+    with room for its header. ``max_body_bytes_in_flight`` None: twice the body limit."""
+
     max_queue_delay_us: int = 100
     max_queue_size: int = 1024
-    max_body_bytes: int = 64 << 20
+    max_body_bytes: int | None = None
     max_tokens: int = 65536
+    body_timeout_s: float = 30.0
+    max_body_bytes_in_flight: int | None = None
 
     def __post_init__(self) -> None:
-        for name, low in (("max_queue_delay_us", 0), ("max_queue_size", 1), ("max_body_bytes", 1), ("max_tokens", 1)):
+        for name, low in (
+            ("max_queue_delay_us", 0),
+            ("max_queue_size", 1),
+            ("max_body_bytes", 1),
+            ("max_tokens", 1),
+            ("max_body_bytes_in_flight", 1),
+        ):
             value = getattr(self, name)
+            if value is None and name.startswith("max_body"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} is out of range: allowed an int >= {low}")
+        timeout = self.body_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+            raise ValueError(f"body_timeout_s={timeout!r} is out of range: allowed a number of seconds > 0")
+
+    def body_limit(self, models: Sequence[ServedModel]) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        widest = max(m.config.num_experts for m in models)
+        return self.max_tokens * widest * max(d.itemsize for d in INPUT_DATATYPES.values()) + HEADER_ALLOWANCE
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -75,7 +112,8 @@ class _ModelService:
 
     def _compute(self, batch: Sequence[Pending]) -> list[dict[str, np.ndarray]]:
         rows = sum(p.rows for p in batch)
-        logits = batch[0].payload if len(batch) == 1 else np.concatenate([p.payload for p in batch])
+        # Requests of every logit dtype share a batch: each becomes float32 (exactly) before the kernel.
+        logits = batch[0].payload if len(batch) == 1 else np.concatenate([p.payload for p in batch], dtype=np.float32)
         bucket = self._bucket(rows)
         with nvtx.annotate(f"serve:{self.model.name}:bucket{bucket}", domain=NVTX_DOMAIN):
             outputs = self.model.compute(logits)
@@ -89,34 +127,62 @@ class _ModelService:
     def _record(self, record: BatchRecord) -> None:
         self.metrics.batch(self.model.name, record, self._bucket(record.rows), self.model.padded_rows(record.rows))
 
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, at most ``limit`` bytes; past it 413, after reading on (up to 4x the limit) so that the client,
-    still sending, receives the answer instead of a reset connection."""
-    declared = request.headers.get("content-length")
-    too_long = ProtocolError(
-        413, f"request body of {declared or 'more than ' + str(limit)} bytes exceeds the limit of {limit} bytes"
-    )
-    if declared is not None and declared.isdigit() and int(declared) > DRAIN_FACTOR * limit:
-        raise too_long
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > DRAIN_FACTOR * limit:
-            raise too_long
-        if size <= limit:
-            chunks.append(chunk)
-    if size > limit:
-        raise too_long
-    return b"".join(chunks)
+    async def route(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        if logits.shape[0] == 0:
+            return self.model.empty_outputs()
+        try:
+            return await self.batcher.submit(logits.shape[0], logits)
+        except QueueFull as full:
+            raise ProtocolError(503, str(full), "QUEUE_FULL") from None
+        except ShuttingDown as closing:
+            raise ProtocolError(503, str(closing), "UNAVAILABLE") from None
+        except Exception as broken:  # noqa: BLE001 - the backend failed; the client gets a 500 naming why
+            raise ProtocolError(500, f"routing failed: {broken}", "BACKEND") from None
 
 
-def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = None) -> FastAPI:
+def _request_headers(scope: dict) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def _respond(send, status: int, content: bytes, headers: dict[str, str]) -> None:
+    raw = [(b"content-length", str(len(content)).encode())]
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": content})
+
+
+async def _client_gone(receive) -> bool:
+    """Whether the client has disconnected, without waiting: the receive is cancelled unless already answered."""
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        return (await receive())["type"] == "http.disconnect"
+    return False
+
+
+class _RoutingApp:
+    """The ASGI application: infer requests go straight to their handler (the hot path, without FastAPI's routing
+    and dependency resolution per request); everything else, lifespan included, to FastAPI."""
+
+    def __init__(self, api: FastAPI, infer):
+        self.api, self.infer, self.state = api, infer, api.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                await self.infer(match["name"], match["version"], scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+
+def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = None) -> _RoutingApp:
     settings = settings or ServerSettings()
     metrics = ServiceMetrics()
     services = {m.name: _ModelService(m, settings, metrics) for m in models}
     if len(services) != len(models):
         raise ValueError("each model is served once: a preset was given twice")
+    body_limit = settings.body_limit(models)
+    budget = BodyBudget(settings.max_body_bytes_in_flight or 2 * body_limit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -131,18 +197,21 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
     app = FastAPI(title=SERVER_NAME, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.ready = False
     app.state.metrics = metrics
+    app.state.body_limit = body_limit
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(_, error: HTTPException) -> JSONResponse:
         return _error(error.status_code, str(error.detail))
 
-    def service_for(name: str) -> _ModelService:
+    def service_for(name: str, version: str | None = None) -> _ModelService:
         if name not in services:
             raise ProtocolError(404, f"unknown model {name!r}: served models are {', '.join(sorted(services))}")
+        if version is not None and version != MODEL_VERSION:
+            raise ProtocolError(404, f"model {name} has no version {version!r}: served versions are {MODEL_VERSION}")
         return services[name]
 
     @app.exception_handler(ProtocolError)
-    async def protocol_error(_: Request, error: ProtocolError) -> JSONResponse:
+    async def protocol_error(_, error: ProtocolError) -> JSONResponse:
         return _error(error.status, error.message)
 
     @app.get("/v2/health/live")
@@ -166,12 +235,14 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         return {"name": SERVER_NAME, "version": own, "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/models/{name}")
-    async def model_metadata(name: str) -> dict:
-        return service_for(name).model.metadata(settings.max_tokens)
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> dict:
+        return service_for(name, version).model.metadata(settings.max_tokens)
 
     @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str) -> Response:
-        service_for(name)
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        service_for(name, version)
         if not app.state.ready:
             return _error(503, f"model {name} is not ready")
         return JSONResponse({"name": name, "ready": True})
@@ -180,38 +251,89 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request) -> Response:
-        started = time.perf_counter()
-        service = service_for(name)
+    async def read_request(service: _ModelService, scope: dict, receive) -> InferRequest:
+        headers = _request_headers(scope)
+        declared = headers.get("content-length")
+        wbits = content_encoding(headers.get("content-encoding"))
         try:
-            body = await _read_body(request, settings.max_body_bytes)
-            header_length = request.headers.get(HEADER_LENGTH)
+            async with asyncio.timeout(settings.body_timeout_s):
+                body, taken = await receive_body(
+                    receive, int(declared) if declared and declared.isdigit() else None, body_limit, budget
+                )
+        except TimeoutError:
+            raise ProtocolError(
+                408, f"the request body did not arrive within {settings.body_timeout_s} s", "BODY_TIMEOUT"
+            ) from None
+        try:
+            off_loop = len(body) > THREADPOOL_BYTES
+            if wbits is not None:
+                body = (
+                    await asyncio.to_thread(decompress, body, wbits, body_limit)
+                    if off_loop
+                    else decompress(body, wbits, body_limit)
+                )
+                budget.take(len(body))
+                taken += len(body)
+            header_length = headers.get(HEADER_LENGTH)
             if len(body) > THREADPOOL_BYTES:
-                parsed = await run_in_threadpool(parse_infer, body, header_length, service.signature)
-            else:
-                parsed = parse_infer(body, header_length, service.signature)
-            logits = parsed.logits
-            try:
-                rows = await service.batcher.submit(logits.shape[0], logits.dtype.name, logits)
-            except QueueFull as full:
-                raise ProtocolError(503, str(full), "QUEUE_FULL") from None
-            except ShuttingDown as closing:
-                raise ProtocolError(503, str(closing), "UNAVAILABLE") from None
-            except Exception as broken:  # noqa: BLE001 - the backend failed; the client gets a 500 naming why
-                raise ProtocolError(500, f"routing failed: {broken}", "BACKEND") from None
+                return await asyncio.to_thread(_parse, body, header_length, service.signature)
+            return _parse(body, header_length, service.signature)
+        finally:
+            budget.give(taken)
+
+    async def infer(name: str, version: str | None, scope: dict, receive, send) -> None:
+        started = time.perf_counter()
+        try:
+            service = service_for(name, version)
+        except ProtocolError as error:
+            await _respond(send, error.status, _error_body(error.message), {"content-type": "application/json"})
+            return
+        try:
+            with service.batcher.arriving():
+                parsed = await read_request(service, scope, receive)
+            rows = await service.route(parsed.logits)
             outputs = [(out, rows[out], binary) for out, binary in parsed.outputs]
-            if logits.nbytes > THREADPOOL_BYTES:
-                content, headers = await run_in_threadpool(encode_infer_response, name, parsed.id, outputs)
+            if parsed.logits.nbytes > THREADPOOL_BYTES:
+                content, headers = await asyncio.to_thread(encode_infer_response, name, parsed.id, outputs)
             else:
                 content, headers = encode_infer_response(name, parsed.id, outputs)
+            if await _client_gone(receive):
+                raise ClientGone("the client disconnected before its answer was sent")
+        except ClientGone as gone:
+            log.warning("model %s: %s", name, gone)
+            metrics.request_failed(name, "CLIENT_DISCONNECT")
+            return
         except ProtocolError as error:
             metrics.request_failed(name, error.reason)
-            return _error(error.status, error.message)
+            await _respond(send, error.status, _error_body(error.message), _error_headers(error))
+            return
+        await _respond(send, 200, content, headers)
         metrics.request_done(name, time.perf_counter() - started)
-        return Response(content, headers=headers)
 
-    return app
+    return _RoutingApp(app, infer)
+
+
+def _parse(body: bytes, header_length: str | None, signature: ModelSignature) -> InferRequest:
+    try:
+        return parse_infer(body, header_length, signature)
+    except ProtocolError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a body breaks in the parser, it is the body's fault
+        raise ProtocolError(400, f"the request could not be read: {type(error).__name__}: {error}") from None
+
+
+def _error_body(message: str) -> bytes:
+    return JSONResponse({"error": message}).body
+
+
+def _error_headers(error: ProtocolError) -> dict[str, str]:
+    headers = {"content-type": "application/json"}
+    if error.status == 503:
+        headers["retry-after"] = str(RETRY_AFTER_S)
+    if error.status in (408, 413):
+        # The client may still be sending: the connection cannot carry another request.
+        headers["connection"] = "close"
+    return headers
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -220,7 +342,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def uvicorn_server(app: FastAPI, host: str, port: int):
+def uvicorn_server(app, host: str, port: int):
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
@@ -228,7 +350,7 @@ def uvicorn_server(app: FastAPI, host: str, port: int):
 
 
 @contextlib.contextmanager
-def running_server(app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+def running_server(app, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
     """Serve ``app`` from a background thread; yields ``host:port``; on exit shuts down gracefully."""
     port = port or free_port(host)
     server = uvicorn_server(app, host, port)
