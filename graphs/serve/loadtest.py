@@ -50,7 +50,7 @@ class LoadResult:
         return not self.wrong and not self.failed and self.answered == self.sent == self.expected
 
 
-def _metric_totals(url: str, model: str) -> dict[str, float]:
+def metric_totals(url: str, model: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://{url}/metrics", timeout=30) as response:
@@ -117,7 +117,7 @@ def run_loadtest(
 
     with http.InferenceServerClient(url) as probe:
         config, bias, outputs = _model_description(probe, model, bias_file)
-    before = _metric_totals(url, model)
+    before = metric_totals(url, model)
     result, lock = LoadResult(expected=requests), threading.Lock()
     numbers = itertools.count()
 
@@ -175,7 +175,7 @@ def run_loadtest(
     for thread in threads:
         thread.join()
     result.seconds = time.perf_counter() - start
-    after = _metric_totals(url, model)
+    after = metric_totals(url, model)
     executions = after.get("nv_inference_exec_count_total", 0) - before.get("nv_inference_exec_count_total", 0)
     inferences = after.get("nv_inference_count_total", 0) - before.get("nv_inference_count_total", 0)
     if executions:

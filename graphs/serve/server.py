@@ -345,7 +345,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def uvicorn_server(app, host: str, port: int):
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30
+    )
     return uvicorn.Server(config)
 
 
