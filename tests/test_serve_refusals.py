@@ -339,3 +339,18 @@ def test_a_lone_request_does_not_wait_for_the_batch_deadline(server, model):
     status, _, _ = post(url, INFER, body, headers)
     # The server's batch deadline is 1 s.
     assert status == 200 and time.perf_counter() - started < 0.5
+
+
+def test_large_json_bodies_are_parsed_in_the_child_process(model):
+    from graphs.serve.server import THREADPOOL_BYTES
+
+    x, _ = generate_input(PRESETS["deepseek_v3"], 600, "float32", seed=11)
+    good = body_of(tensor_json((600, E), x.reshape(-1).tolist()))
+    bad = body_of(tensor_json((600, E), ["0.5"] + x.reshape(-1).tolist()[1:]))
+    assert len(good) > THREADPOOL_BYTES
+    with running_server(create_app([model], ServerSettings(max_body_bytes=8 << 20))) as url:
+        status, _, answer = post(url, INFER, good)
+        assert status == 200, answer[:300]
+        check_answer(answer, x, model)
+        status, _, answer = post(url, INFER, bad)
+        assert status == 400 and "found str" in json.loads(answer)["error"]

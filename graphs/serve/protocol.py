@@ -32,6 +32,10 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.status, self.message, self.reason = status, message, reason
 
+    def __reduce__(self):
+        # Raised in the parser's process too: it must cross back whole.
+        return ProtocolError, (self.status, self.message, self.reason)
+
 
 @dataclass(frozen=True)
 class ModelSignature:
@@ -214,6 +218,18 @@ def parse_infer(body: bytes, header_length: str | None, signature: ModelSignatur
     if request_id is not None and not isinstance(request_id, str):
         raise _bad(f"'id' must be a string, got {type(request_id).__name__}")
     return InferRequest(request_id, logits, _requested_outputs(document, signature))
+
+
+def parse_request(body: bytes, header_length: str | None, signature: ModelSignature | None) -> InferRequest | None:
+    """``parse_infer`` with anything it raises turned into a 400; no ``signature``: only load the parser."""
+    if signature is None:
+        return None
+    try:
+        return parse_infer(body, header_length, signature)
+    except ProtocolError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a body breaks in the parser, it is the body's fault
+        raise ProtocolError(400, f"the request could not be read: {type(error).__name__}: {error}") from None
 
 
 def encode_infer_response(

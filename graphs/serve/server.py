@@ -9,8 +9,10 @@ uvicorn stops accepting, in-flight requests are answered, then every batcher dra
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
 import re
 import socket
 import threading
@@ -36,12 +38,14 @@ from graphs.serve.protocol import (
     ModelSignature,
     ProtocolError,
     encode_infer_response,
-    parse_infer,
+    parse_request,
 )
 
 NVTX_DOMAIN = "fusedgate"
 SERVER_NAME = "fusedgate"
-# Bodies above this are decoded, parsed and encoded off the event loop, so one large request does not stall others.
+# Bodies above this are decoded, parsed and encoded off the event loop, so one large request does not stall others:
+# JSON ones in a child process (the JSON parser and the list-to-array conversion hold the GIL throughout, so a
+# thread would stall every other request just the same), binary ones in a thread (only a small header to parse).
 THREADPOOL_BYTES = 1 << 20
 # Room for the JSON header of the largest binary request in the default body limit.
 HEADER_ALLOWANCE = 64 << 10
@@ -183,9 +187,15 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         raise ValueError("each model is served once: a preset was given twice")
     body_limit = settings.body_limit(models)
     budget = BodyBudget(settings.max_body_bytes_in_flight or 2 * body_limit)
+    parsers: list[concurrent.futures.ProcessPoolExecutor] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        # spawn, not fork: the server process has threads (batcher workers) that a fork would copy mid-state.
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        parsers.append(pool)
+        # Start the child and import the parser in it now, not on the first large request.
+        await asyncio.get_running_loop().run_in_executor(pool, parse_request, b"{}", None, None)
         for service in services.values():
             await service.batcher.start()
         app.state.ready = True
@@ -193,6 +203,7 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         app.state.ready = False
         for service in services.values():
             await service.batcher.stop()
+        pool.shutdown(wait=True)
 
     app = FastAPI(title=SERVER_NAME, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.ready = False
@@ -275,9 +286,12 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
                 budget.take(len(body))
                 taken += len(body)
             header_length = headers.get(HEADER_LENGTH)
-            if len(body) > THREADPOOL_BYTES:
-                return await asyncio.to_thread(_parse, body, header_length, service.signature)
-            return _parse(body, header_length, service.signature)
+            if len(body) <= THREADPOOL_BYTES:
+                return parse_request(body, header_length, service.signature)
+            if header_length is None:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(parsers[0], parse_request, body, header_length, service.signature)
+            return await asyncio.to_thread(parse_request, body, header_length, service.signature)
         finally:
             budget.give(taken)
 
@@ -311,15 +325,6 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         metrics.request_done(name, time.perf_counter() - started)
 
     return _RoutingApp(app, infer)
-
-
-def _parse(body: bytes, header_length: str | None, signature: ModelSignature) -> InferRequest:
-    try:
-        return parse_infer(body, header_length, signature)
-    except ProtocolError:
-        raise
-    except Exception as error:  # noqa: BLE001 - whatever a body breaks in the parser, it is the body's fault
-        raise ProtocolError(400, f"the request could not be read: {type(error).__name__}: {error}") from None
 
 
 def _error_body(message: str) -> bytes:
