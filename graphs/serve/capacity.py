@@ -108,12 +108,14 @@ def run_wrk(url: str, body: Path, header_length: str, concurrency: int, seconds:
     command += ["-s", str(WRK_SCRIPT), f"http://{url}{PATH}"]
     env = {**os.environ, "FUSEDGATE_BODY": str(body), "FUSEDGATE_HEADER_LENGTH": header_length}
     out = subprocess.run(_pinned(cores, command), env=env, capture_output=True, text=True, check=True).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    percentiles = dict(re.findall(r"^\s*(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
+    if rate is None or set(percentiles) != {"50", "99"}:
+        raise RuntimeError(f"wrk printed no rate or percentiles:\n{out}")
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     failures = (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0)
-    return Measured(rate, _ms(percentiles["50"]), _ms(percentiles["99"]), failures)
+    return Measured(float(rate.group(1)), _ms(percentiles["50"]), _ms(percentiles["99"]), failures)
 
 
 def run_python(url: str, body: Path, header_length: str, concurrency: int, seconds: float, cores: str) -> Measured:
@@ -151,6 +153,23 @@ def _verdict(concurrency: int, bare: Measured, served: Measured) -> str:
         return f"p50 {ratio:.2f}x ({'meets' if ratio <= P50_TARGET else 'misses'} <= {P50_TARGET}x)"
     ratio = served.requests_per_s / bare.requests_per_s
     return f"{'meets' if ratio >= RATE_TARGET else 'misses'} >= {RATE_TARGET}x"
+
+
+def _row(body: str, concurrency: int, client: str, bare: Measured, served: Measured, per_batch: float) -> str:
+    cells = [
+        body,
+        str(concurrency),
+        client,
+        f"{bare.requests_per_s:.0f}",
+        f"{served.requests_per_s:.0f}",
+        f"{served.requests_per_s / bare.requests_per_s:.2f}",
+        f"{bare.p50_ms:.2f} / {bare.p99_ms:.2f}",
+        f"{served.p50_ms:.2f} / {served.p99_ms:.2f}",
+        _verdict(concurrency, bare, served),
+        f"{per_batch:.1f}",
+        f"{bare.non_200} / {served.non_200}",
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _stack() -> str:
@@ -203,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         f"per server and row; {_stack()}; "
         f"fusedgate serve {' '.join(args.serve_arg) or 'with its defaults'}.",
         "",
-        "| body | concurrency | client | bare req/s | fusedgate req/s | ratio | bare p50 ms | fusedgate p50 / p99 ms "
-        "| target | requests per batch | non-200 |",
+        "| body | concurrency | client | bare req/s | fusedgate req/s | ratio | bare p50 / p99 ms "
+        "| fusedgate p50 / p99 ms | target | requests per batch | non-200 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
@@ -227,13 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                                 )
                         per_batch = _requests_per_batch(before, metric_totals(served_url, PRESET))
                         on_bare, on_served = _combined(bare_slices), _combined(served_slices)
-                        row = (
-                            f"| {name} | {concurrency} | {client} | {on_bare.requests_per_s:.0f} | "
-                            f"{on_served.requests_per_s:.0f} | {on_served.requests_per_s / on_bare.requests_per_s:.2f} "
-                            f"| {on_bare.p50_ms:.2f} | {on_served.p50_ms:.2f} / {on_served.p99_ms:.2f} | "
-                            f"{_verdict(concurrency, on_bare, on_served)} | {per_batch:.1f} | "
-                            f"{on_bare.non_200} / {on_served.non_200} |"
-                        )
+                        row = _row(name, concurrency, client, on_bare, on_served, per_batch)
                         rows.append(row)
                         print(row, flush=True)
     finally:
