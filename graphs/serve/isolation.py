@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import statistics
 import sys
 import threading
@@ -65,7 +64,7 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--large", type=int, default=1, help="large JSON requests sent at once")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="markdown file the figures are appended to")
     args = parser.parse_args(argv)
     if args.large < 1:
         parser.error("--large must be >= 1")
@@ -123,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"report": lines}, indent=1) + "\n")
+        with args.out.open("a") as out:
+            out.write("".join(f"- {line}\n" for line in lines) + "\n")
     return 0
 
 

@@ -244,12 +244,12 @@ def encode_infer_response(
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            tensor["data"] = array.reshape(-1).tolist()
+            tensor["data"] = np.ascontiguousarray(array).reshape(-1)
         tensors.append(tensor)
     document = {"model_name": model, "model_version": "1", "outputs": tensors}
     if request_id is not None:
         document["id"] = request_id
-    head = orjson.dumps(document)
+    head = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return head, {"content-type": "application/json"}
     return b"".join([head, *blobs]), {
