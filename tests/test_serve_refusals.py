@@ -354,3 +354,16 @@ def test_large_json_bodies_are_parsed_in_the_child_process(model):
         check_answer(answer, x, model)
         status, _, answer = post(url, INFER, bad)
         assert status == 400 and "found str" in json.loads(answer)["error"]
+
+
+def test_a_fault_inside_the_server_is_a_counted_500_with_an_error(server, model, monkeypatch):
+    url, _ = server
+
+    def broken(*_args):
+        raise RuntimeError("encoder broke")
+
+    monkeypatch.setattr("graphs.serve.server.encode_infer_response", broken)
+    x, _ = generate_input(PRESETS["deepseek_v3"], 1, "float32", seed=12)
+    status, headers, answer = post(url, INFER, *binary_body(x, "FP32"))
+    assert status == 500 and "encoder broke" in json.loads(answer)["error"]
+    assert metric(url, "nv_inference_request_failure_total", reason="INTERNAL") == 1

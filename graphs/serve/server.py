@@ -276,13 +276,9 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
                 408, f"the request body did not arrive within {settings.body_timeout_s} s", "BODY_TIMEOUT"
             ) from None
         try:
-            off_loop = len(body) > THREADPOOL_BYTES
             if wbits is not None:
-                body = (
-                    await asyncio.to_thread(decompress, body, wbits, body_limit)
-                    if off_loop
-                    else decompress(body, wbits, body_limit)
-                )
+                # In a thread whatever the compressed size: a small body may decode to the size limit.
+                body = await asyncio.to_thread(decompress, body, wbits, body_limit)
                 budget.take(len(body))
                 taken += len(body)
             header_length = headers.get(HEADER_LENGTH)
@@ -320,6 +316,11 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         except ProtocolError as error:
             metrics.request_failed(name, error.reason)
             await _respond(send, error.status, _error_body(error.message), _error_headers(error))
+            return
+        except Exception as error:  # noqa: BLE001 - a fault of ours (a parser process gone): logged, counted, a 500
+            log.exception("model %s: the request failed inside the server", name)
+            metrics.request_failed(name, "INTERNAL")
+            await _respond(send, 500, _error_body(f"internal error: {error!r}"), {"content-type": "application/json"})
             return
         await _respond(send, 200, content, headers)
         metrics.request_done(name, time.perf_counter() - started)
