@@ -367,3 +367,13 @@ def test_a_fault_inside_the_server_is_a_counted_500_with_an_error(server, model,
     status, headers, answer = post(url, INFER, *binary_body(x, "FP32"))
     assert status == 500 and "encoder broke" in json.loads(answer)["error"]
     assert metric(url, "nv_inference_request_failure_total", reason="INTERNAL") == 1
+
+
+def test_a_request_above_the_largest_bucket_is_computed_in_parts(seed):
+    small = ServedModel(ModelSettings("deepseek_v3", with_scores=True, bias_seed=4, max_bucket=64))
+    x, _ = generate_input(PRESETS["deepseek_v3"], 200, "float32", seed=seed)
+    with running_server(create_app([small], ServerSettings())) as url:
+        status, _, answer = post(url, INFER, *binary_body(x, "FP32"))
+        assert status == 200, answer[:300]
+        check_answer(answer, x, small)
+        assert metric(url, "nv_inference_exec_count_total") == 4

@@ -132,8 +132,17 @@ class _ModelService:
         self.metrics.batch(self.model.name, record, self._bucket(record.rows), self.model.padded_rows(record.rows))
 
     async def route(self, logits: np.ndarray) -> dict[str, np.ndarray]:
-        if logits.shape[0] == 0:
+        tokens, part = logits.shape[0], self.model.table.largest
+        if tokens == 0:
             return self.model.empty_outputs()
+        if tokens <= part:
+            return await self._submit(logits)
+        # A request above the largest bucket goes one bucket-sized part at a time, so that requests arriving
+        # meanwhile are computed between its parts instead of waiting for the whole of it.
+        parts = [await self._submit(logits[start : start + part]) for start in range(0, tokens, part)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    async def _submit(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         try:
             return await self.batcher.submit(logits.shape[0], logits)
         except QueueFull as full:
