@@ -1,7 +1,8 @@
-"""The routing service: the Open Inference Protocol over FastAPI, one dynamic batcher per served model.
+"""The routing service: the Open Inference Protocol over ASGI, one dynamic batcher per served model.
 
-``fusedgate serve`` runs it under uvicorn. A request is read (bounded), decoded and validated before it joins
-its model's queue; the batch it rides is computed on the model's one worker thread inside an NVTX range
+``fusedgate serve`` runs it under uvicorn. Infer requests take a thin ASGI route; health, metadata and metrics
+are FastAPI's. A request is read (bounded in size, time and bytes in flight), decoded and validated before it
+joins its model's queue; the batch it rides is computed on the model's one worker thread inside an NVTX range
 ``serve:<preset>:bucket<B>``; its own rows are cut out and encoded in the format it asked for. On shutdown
 uvicorn stops accepting, in-flight requests are answered, then every batcher drains its queue.
 """
