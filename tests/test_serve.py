@@ -248,6 +248,8 @@ def _fire(url, count, tokens=1, experts=256, statuses=None):
 
 class _GatedModel(ServedModel):
     gate: threading.Event | None = None
+    # Held at the gate on the worker thread, never on the event loop.
+    inline_rows = 0
 
     def compute(self, logits):
         if self.gate is not None:

@@ -130,9 +130,33 @@ def test_a_full_queue_refuses_at_once_and_stop_drains_the_rest():
     assert run(main()) == [("answer", n) for n in range(4)]
 
 
+def test_small_batches_run_on_the_event_loop_and_larger_ones_on_the_worker():
+    threads = []
+
+    def compute(batch):
+        threads.append((sum(p.rows for p in batch), threading.current_thread().name))
+        return [None] * len(batch)
+
+    async def main():
+        batcher = DynamicBatcher(compute, max_rows=100, max_delay_s=0.0, max_queue=10, name="w", inline_rows=4)
+        await batcher.start()
+        await batcher.submit(4, 0)
+        await batcher.submit(5, 1)
+        await batcher.stop()
+
+    run(main())
+    loop_thread = threading.current_thread().name
+    assert threads[0] == (4, loop_thread) and threads[1][0] == 5 and threads[1][1].startswith("w")
+
+
 @pytest.mark.parametrize(
     "kwargs,needle",
-    [({"max_rows": 0}, "max_rows=0"), ({"max_delay_s": -1.0}, "max_delay_s=-1.0"), ({"max_queue": 0}, "max_queue=0")],
+    [
+        ({"max_rows": 0}, "max_rows=0"),
+        ({"max_delay_s": -1.0}, "max_delay_s=-1.0"),
+        ({"max_queue": 0}, "max_queue=0"),
+        ({"inline_rows": -1}, "inline_rows=-1"),
+    ],
 )
 def test_arguments_are_validated(kwargs, needle):
     args = {"max_rows": 8, "max_delay_s": 0.0, "max_queue": 4, **kwargs}

@@ -53,7 +53,9 @@ class BatchRecord:
 
 
 class DynamicBatcher:
-    """``compute(batch)`` runs on one worker thread and returns one result per ``Pending`` of the batch."""
+    """``compute(batch)`` runs on one worker thread and returns one result per ``Pending`` of the batch; a batch of
+    at most ``inline_rows`` rows runs on the event loop instead, where the thread hand-off would cost more than
+    the computation."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class DynamicBatcher:
         max_queue: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
         name: str = "batcher",
+        inline_rows: int = 0,
     ):
         if max_rows < 1:
             raise ValueError(f"max_rows={max_rows} is out of range: allowed >= 1")
@@ -70,8 +73,10 @@ class DynamicBatcher:
             raise ValueError(f"max_delay_s={max_delay_s} is out of range: allowed >= 0")
         if max_queue < 1:
             raise ValueError(f"max_queue={max_queue} is out of range: allowed >= 1")
+        if inline_rows < 0:
+            raise ValueError(f"inline_rows={inline_rows} is out of range: allowed >= 0")
         self.compute, self.max_rows, self.max_delay_s, self.max_queue = compute, max_rows, max_delay_s, max_queue
-        self.on_batch = on_batch
+        self.on_batch, self.inline_rows = on_batch, inline_rows
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._queue: asyncio.Queue[Pending | object | None] | None = None
         self._held: collections.deque[Pending] = collections.deque()
@@ -176,8 +181,12 @@ class DynamicBatcher:
             self.waiting -= len(batch)
             started = time.perf_counter()
             queue_seconds = tuple(started - p.enqueued for p in batch)
+            rows = sum(p.rows for p in batch)
             try:
-                results = await loop.run_in_executor(self._executor, self.compute, batch)
+                if rows <= self.inline_rows:
+                    results = self.compute(batch)
+                else:
+                    results = await loop.run_in_executor(self._executor, self.compute, batch)
             except Exception as error:  # noqa: BLE001 - every waiter must get an answer, whatever broke
                 for pending in batch:
                     if not pending.future.done():
@@ -188,4 +197,4 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_result(result)
             if self.on_batch is not None:
-                self.on_batch(BatchRecord(len(batch), sum(p.rows for p in batch), queue_seconds, compute_seconds))
+                self.on_batch(BatchRecord(len(batch), rows, queue_seconds, compute_seconds))

@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import anyio
 import numpy as np
 import nvtx
 from fastapi import FastAPI
@@ -107,6 +106,7 @@ class _ModelService:
             max_queue=settings.max_queue_size,
             on_batch=self._record,
             name=f"serve-{model.name}",
+            inline_rows=model.inline_rows,
         )
         # Read at scrape time, so the gauge is never stale between batches.
         metrics.pending.labels(model.name).set_function(lambda: self.batcher.waiting)
@@ -165,11 +165,16 @@ async def _respond(send, status: int, content: bytes, headers: dict[str, str]) -
     await send({"type": "http.response.body", "body": content})
 
 
-async def _client_gone(receive) -> bool:
-    """Whether the client has disconnected, without waiting: the receive is cancelled unless already answered."""
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        return (await receive())["type"] == "http.disconnect"
+def _client_gone(receive) -> bool:
+    """Whether the client has disconnected, without waiting. The ASGI server answers a receive after a
+    disconnect at once; one that would wait is abandoned at its first step (an anyio cancel scope, Starlette's
+    way, costs about 70 µs a request here)."""
+    step = receive()
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value["type"] == "http.disconnect"
+    step.close()
     return False
 
 
@@ -317,7 +322,7 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
                 content, headers = await asyncio.to_thread(encode_infer_response, name, parsed.id, outputs)
             else:
                 content, headers = encode_infer_response(name, parsed.id, outputs)
-            if await _client_gone(receive):
+            if _client_gone(receive):
                 raise ClientGone("the client disconnected before its answer was sent")
         except ClientGone as gone:
             log.warning("model %s: %s", name, gone)
