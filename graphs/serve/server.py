@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import multiprocessing
 import re
@@ -213,6 +214,11 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         await asyncio.get_running_loop().run_in_executor(pool, parse_request, b"{}", None, None)
         for service in services.values():
             await service.batcher.start()
+        # What is loaded by now (torch among it, about 200k objects) lives as long as the server: kept out of the
+        # collector's sight, a full collection scans only what requests create. It took about 100 ms here, and was
+        # the p99 latency at concurrency 64.
+        gc.collect()
+        gc.freeze()
         app.state.ready = True
         yield
         app.state.ready = False
