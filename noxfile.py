@@ -233,3 +233,18 @@ def loadtest(session: nox.Session) -> None:
     for encoding in ("mixed", "binary"):
         for backend in backends:
             _harness(session, "loadtest", "--backend", backend, "--encoding", encoding, posargs=False)
+
+
+@nox.session(venv_backend=HARNESS_BACKEND)
+def capacity(session: nox.Session) -> None:
+    """The service against the bare FastAPI endpoint, server and load generator pinned to different cores (wrk
+    where installed, else the Python client); the table goes under reports/. GPU backend on a CUDA host.
+    Options after ``--``: ``--seconds``, ``--client``, ``--server-cores``, ``--client-cores``, ``--concurrency``."""
+    backend = "gpu" if HARNESS_BACKEND == "none" else "cpu"
+    command = ["-m", "graphs.serve.capacity", "--backend", backend, *session.posargs]
+    if HARNESS_BACKEND == "none":
+        session.run("python3", "-m", "op.build", env=GPU_ENV)
+        session.run("python3", *command, env=GPU_ENV)
+    else:
+        _install_project(session)
+        session.run("python", *command)

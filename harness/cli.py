@@ -162,7 +162,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _model_settings(args: argparse.Namespace) -> list:
-    from graphs.models import ModelSettings
+    from graphs.serve.models import ModelSettings
 
     return [
         ModelSettings(
@@ -199,16 +199,16 @@ def _serve(args: argparse.Namespace) -> int:
     busy = _port_in_use(args.host, args.port)
     if busy:
         return _fail("serve", f"cannot listen on {args.host}:{args.port}: {busy} (pick another --port)")
-    from graphs.models import ServedModel
-    from graphs.server import serve
+    from graphs.serve.models import ServedModel
+    from graphs.serve.server import serve
 
     models = [ServedModel(s) for s in _model_settings(args)]
     return serve(models, args.settings, args.host, args.port)
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from graphs.loadtest import describe, run_loadtest, spawn_server, stop_server
-    from graphs.server import free_port
+    from graphs.serve.loadtest import describe, run_loadtest, spawn_server, stop_server
+    from graphs.serve.server import free_port
 
     process, url = None, args.url
     if not url:
@@ -332,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-bucket", type=int, default=8192, help="largest bucket: the most rows one batch takes")
     serve.add_argument("--max-queue-delay-us", type=int, default=100)
     serve.add_argument("--max-queue-size", type=int, default=1024)
-    serve.add_argument("--max-body-bytes", type=int, default=64 << 20)
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=None, help="default: a binary FP32 request of --max-tokens rows fits"
+    )
+    serve.add_argument("--max-body-bytes-in-flight", type=int, default=None, help="default: twice --max-body-bytes")
+    serve.add_argument("--body-timeout-s", type=float, default=30.0, help="a body not in by then gets 408")
     serve.add_argument("--max-tokens", type=int, default=65536, help="most tokens in one request")
     serve.set_defaults(run=_serve)
 
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = args.dtype or ["bfloat16"]
         args.distribution = args.distribution or list(DISTRIBUTIONS)
     if args.command == "serve":
-        from graphs.server import ServerSettings
+        from graphs.serve.server import ServerSettings
 
         args.bias_files = {}
         for spec in args.bias or []:
@@ -384,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
             args.bias_files[name] = Path(path)
         try:
             args.settings = ServerSettings(
-                args.max_queue_delay_us, args.max_queue_size, args.max_body_bytes, args.max_tokens
+                args.max_queue_delay_us,
+                args.max_queue_size,
+                args.max_body_bytes,
+                args.max_tokens,
+                args.body_timeout_s,
+                args.max_body_bytes_in_flight,
             )
         except ValueError as error:
             parser.error(str(error))

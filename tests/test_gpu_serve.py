@@ -8,10 +8,10 @@ import pytest
 pytestmark = pytest.mark.gpu
 http = pytest.importorskip("tritonclient.http")
 
-from graphs.loadtest import run_loadtest  # noqa: E402
-from graphs.models import ModelSettings, ServedModel  # noqa: E402
-from graphs.protocol import INPUT_DATATYPES  # noqa: E402
-from graphs.server import ServerSettings, create_app, running_server  # noqa: E402
+from graphs.serve.loadtest import run_loadtest  # noqa: E402
+from graphs.serve.models import ModelSettings, ServedModel  # noqa: E402
+from graphs.serve.protocol import INPUT_DATATYPES  # noqa: E402
+from graphs.serve.server import ServerSettings, create_app, running_server  # noqa: E402
 from op.testing import assert_routing_close  # noqa: E402
 
 

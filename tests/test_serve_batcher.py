@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
-from graphs.batcher import DynamicBatcher, QueueFull, ShuttingDown
+from graphs.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
 
 
 class Recorder:
@@ -19,7 +20,7 @@ class Recorder:
     def __call__(self, batch):
         if self.gate is not None:
             self.gate.wait(10)
-        self.batches.append([(p.key, p.rows, p.payload) for p in batch])
+        self.batches.append([(p.rows, p.payload) for p in batch])
         if self.fail_on is not None and any(p.payload == self.fail_on for p in batch):
             raise RuntimeError("backend broke")
         return [("answer", p.payload) for p in batch]
@@ -29,23 +30,56 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_batches_group_by_key_within_max_rows_and_answer_each_request():
+def test_batches_fill_up_to_max_rows_and_answer_each_request():
     async def main():
         compute = Recorder()
         batcher = DynamicBatcher(compute, max_rows=10, max_delay_s=0.05, max_queue=100)
         await batcher.start()
-        jobs = [("a", 4, 0), ("a", 4, 1), ("a", 4, 2), ("b", 1, 3), ("a", 1, 4), ("a", 30, 5)]
-        answers = await asyncio.gather(*(batcher.submit(rows, key, n) for key, rows, n in jobs))
+        jobs = [(4, 0), (4, 1), (4, 2), (1, 3), (1, 4), (30, 5)]
+        answers = await asyncio.gather(*(batcher.submit(rows, n) for rows, n in jobs))
         await batcher.stop()
         return compute.batches, answers
 
     batches, answers = run(main())
     assert answers == [("answer", n) for n in range(6)]
-    assert sorted(n for batch in batches for _, _, n in batch) == list(range(6))
-    for batch in batches:
-        assert len({key for key, _, _ in batch}) == 1
-        assert sum(rows for _, rows, _ in batch) <= 10 or len(batch) == 1
-    assert [[n for _, _, n in b] for b in batches][0] == [0, 1]
+    assert [[n for _, n in b] for b in batches] == [[0, 1], [2, 3, 4], [5]]
+
+
+def test_a_lone_request_leaves_at_once_despite_a_long_deadline():
+    async def main():
+        batcher = DynamicBatcher(Recorder(), max_rows=100, max_delay_s=5.0, max_queue=100)
+        await batcher.start()
+        started = time.perf_counter()
+        answer = await batcher.submit(1, 0)
+        waited = time.perf_counter() - started
+        await batcher.stop()
+        return answer, waited
+
+    answer, waited = run(main())
+    assert answer == ("answer", 0) and waited < 0.5
+
+
+def test_a_batch_waits_for_announced_arrivals_and_no_longer_than_they_take():
+    async def arrive(batcher, n, after):
+        with batcher.arriving():
+            await asyncio.sleep(after)
+            if n is None:  # announced, then it never came (a body that failed to parse)
+                return None
+        return await batcher.submit(1, n)
+
+    async def main():
+        compute = Recorder()
+        batcher = DynamicBatcher(compute, max_rows=100, max_delay_s=5.0, max_queue=100)
+        await batcher.start()
+        started = time.perf_counter()
+        await asyncio.gather(arrive(batcher, 0, 0.0), arrive(batcher, 1, 0.1), arrive(batcher, None, 0.2))
+        waited = time.perf_counter() - started
+        await batcher.stop()
+        return compute.batches, waited
+
+    batches, waited = run(main())
+    assert [[n for _, n in b] for b in batches] == [[0, 1]]
+    assert waited < 1.0
 
 
 def test_a_delay_lets_concurrent_requests_share_one_batch():
@@ -53,7 +87,7 @@ def test_a_delay_lets_concurrent_requests_share_one_batch():
         compute = Recorder()
         batcher = DynamicBatcher(compute, max_rows=1000, max_delay_s=0.2, max_queue=100)
         await batcher.start()
-        await asyncio.gather(*(batcher.submit(1, "a", n) for n in range(20)))
+        await asyncio.gather(*(batcher.submit(1, n) for n in range(20)))
         await batcher.stop()
         return compute.batches
 
@@ -65,7 +99,7 @@ def test_a_failing_batch_fails_its_own_requests_only():
     async def main():
         batcher = DynamicBatcher(Recorder(fail_on=1), max_rows=2, max_delay_s=0.05, max_queue=100)
         await batcher.start()
-        results = await asyncio.gather(*(batcher.submit(1, "a", n) for n in range(4)), return_exceptions=True)
+        results = await asyncio.gather(*(batcher.submit(1, n) for n in range(4)), return_exceptions=True)
         await batcher.stop()
         return results
 
@@ -79,16 +113,16 @@ def test_a_full_queue_refuses_at_once_and_stop_drains_the_rest():
         gate = threading.Event()
         batcher = DynamicBatcher(Recorder(gate=gate), max_rows=1, max_delay_s=0.0, max_queue=3)
         await batcher.start()
-        tasks = [asyncio.create_task(batcher.submit(1, "a", 0))]
+        tasks = [asyncio.create_task(batcher.submit(1, 0))]
         await asyncio.sleep(0.05)  # request 0 is computing, held at the gate
-        tasks += [asyncio.create_task(batcher.submit(1, "a", n)) for n in range(1, 4)]
+        tasks += [asyncio.create_task(batcher.submit(1, n)) for n in range(1, 4)]
         await asyncio.sleep(0.05)  # requests 1-3 wait in the queue
         with pytest.raises(QueueFull, match="3 requests waiting"):
-            await batcher.submit(1, "a", 99)
+            await batcher.submit(1, 99)
         stopping = asyncio.create_task(batcher.stop())
         await asyncio.sleep(0.05)
         with pytest.raises(ShuttingDown):
-            await batcher.submit(1, "a", 100)
+            await batcher.submit(1, 100)
         gate.set()
         await stopping
         return [t.result() for t in tasks]
@@ -96,9 +130,33 @@ def test_a_full_queue_refuses_at_once_and_stop_drains_the_rest():
     assert run(main()) == [("answer", n) for n in range(4)]
 
 
+def test_small_batches_run_on_the_event_loop_and_larger_ones_on_the_worker():
+    threads = []
+
+    def compute(batch):
+        threads.append((sum(p.rows for p in batch), threading.current_thread().name))
+        return [None] * len(batch)
+
+    async def main():
+        batcher = DynamicBatcher(compute, max_rows=100, max_delay_s=0.0, max_queue=10, name="w", inline_rows=4)
+        await batcher.start()
+        await batcher.submit(4, 0)
+        await batcher.submit(5, 1)
+        await batcher.stop()
+
+    run(main())
+    loop_thread = threading.current_thread().name
+    assert threads[0] == (4, loop_thread) and threads[1][0] == 5 and threads[1][1].startswith("w")
+
+
 @pytest.mark.parametrize(
     "kwargs,needle",
-    [({"max_rows": 0}, "max_rows=0"), ({"max_delay_s": -1.0}, "max_delay_s=-1.0"), ({"max_queue": 0}, "max_queue=0")],
+    [
+        ({"max_rows": 0}, "max_rows=0"),
+        ({"max_delay_s": -1.0}, "max_delay_s=-1.0"),
+        ({"max_queue": 0}, "max_queue=0"),
+        ({"inline_rows": -1}, "inline_rows=-1"),
+    ],
 )
 def test_arguments_are_validated(kwargs, needle):
     args = {"max_rows": 8, "max_delay_s": 0.0, "max_queue": 4, **kwargs}

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.models import bias_digest, load_bias, seeded_bias
-from graphs.protocol import INPUT_DATATYPES
+from graphs.serve.models import bias_digest, load_bias, seeded_bias
+from graphs.serve.protocol import INPUT_DATATYPES
 from op.configs import RoutingConfig
 
 ENCODINGS = ("mixed", "binary")
@@ -35,6 +35,7 @@ ROUTING_OUTPUTS = ("scores", "topk_values", "topk_indices")
 
 @dataclass
 class LoadResult:
+    expected: int = 0
     sent: int = 0
     answered: int = 0
     wrong: list[str] = field(default_factory=list)
@@ -46,10 +47,10 @@ class LoadResult:
 
     @property
     def ok(self) -> bool:
-        return not self.wrong and not self.failed and self.answered == self.sent
+        return not self.wrong and not self.failed and self.answered == self.sent == self.expected
 
 
-def _metric_totals(url: str, model: str) -> dict[str, float]:
+def metric_totals(url: str, model: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://{url}/metrics", timeout=30) as response:
@@ -116,50 +117,56 @@ def run_loadtest(
 
     with http.InferenceServerClient(url) as probe:
         config, bias, outputs = _model_description(probe, model, bias_file)
-    before = _metric_totals(url, model)
-    result, lock = LoadResult(), threading.Lock()
+    before = metric_totals(url, model)
+    result, lock = LoadResult(expected=requests), threading.Lock()
     numbers = itertools.count()
+
+    def one_request(client, rng: np.random.Generator, n: int) -> None:
+        # Token counts log-uniform in [1, max_tokens]: mostly small requests, a few large ones.
+        tokens = int(math.exp(rng.uniform(0, math.log(max_tokens))))
+        wire = ("FP32", "FP16", "BF16")[rng.integers(3)]
+        binary_in = wire != "FP32" or encoding == "binary" or bool(rng.integers(2))
+        x = _draw_logits(rng, tokens, config.num_experts, wire)
+        tensor = http.InferInput("gating_output", list(x.shape), wire)
+        tensor.set_data_from_numpy(x, binary_data=binary_in)
+        asked = [
+            http.InferRequestedOutput(o, binary_data=encoding == "binary" or bool(rng.integers(2))) for o in outputs
+        ]
+        started = time.perf_counter()
+        answer = client.infer(model, [tensor], outputs=asked, request_id=str(n))
+        elapsed = time.perf_counter() - started
+        got = tuple(answer.as_numpy(o) if o in outputs else None for o in ROUTING_OUTPUTS)
+        comparison = compare_routing(got, x, bias, config)
+        answered_id = answer.get_response().get("id")
+        with lock:
+            result.answered += 1
+            result.latencies.append(elapsed)
+            result.rows += tokens
+            if answered_id != str(n):
+                result.wrong.append(f"request {n}: answered with id {answered_id!r}")
+            elif not comparison.ok:
+                result.wrong.append(f"request {n} (T={tokens}, {wire}): {comparison.first_failure}")
 
     def client_loop(worker: int) -> None:
         rng = np.random.default_rng([seed, worker])
-        with http.InferenceServerClient(url, network_timeout=120.0, connection_timeout=120.0) as client:
+        try:
+            client = http.InferenceServerClient(url, network_timeout=120.0, connection_timeout=120.0)
+        except Exception as error:  # noqa: BLE001 - a client that cannot start is a failure, not a silent thread
+            with lock:
+                result.failed.append(f"client {worker} could not start: {error!r}")
+            return
+        with client:
             while True:
                 with lock:
                     n = next(numbers)
                     if n >= requests:
                         return
                     result.sent += 1
-                # Token counts log-uniform in [1, max_tokens]: mostly small requests, a few large ones.
-                tokens = int(math.exp(rng.uniform(0, math.log(max_tokens))))
-                wire = ("FP32", "FP16", "BF16")[rng.integers(3)]
-                binary_in = wire != "FP32" or encoding == "binary" or bool(rng.integers(2))
-                x = _draw_logits(rng, tokens, config.num_experts, wire)
-                tensor = http.InferInput("gating_output", list(x.shape), wire)
-                tensor.set_data_from_numpy(x, binary_data=binary_in)
-                asked = [
-                    http.InferRequestedOutput(o, binary_data=encoding == "binary" or bool(rng.integers(2)))
-                    for o in outputs
-                ]
-                started = time.perf_counter()
                 try:
-                    answer = client.infer(model, [tensor], outputs=asked, request_id=str(n))
-                except Exception as error:  # noqa: BLE001 - every failure is counted and reported, none hidden
+                    one_request(client, rng, n)
+                except Exception as error:  # noqa: BLE001 - every failure, ours or the server's, is counted
                     with lock:
-                        result.failed.append(f"request {n} (T={tokens}, {wire}): {error}")
-                    continue
-                elapsed = time.perf_counter() - started
-                got = tuple(
-                    answer.as_numpy(o) if o in outputs else None for o in ("scores", "topk_values", "topk_indices")
-                )
-                comparison = compare_routing(got, x, bias, config)
-                with lock:
-                    result.answered += 1
-                    result.latencies.append(elapsed)
-                    result.rows += tokens
-                    if answer.get_response().get("id") != str(n):
-                        result.wrong.append(f"request {n}: answered with id {answer.get_response().get('id')!r}")
-                    elif not comparison.ok:
-                        result.wrong.append(f"request {n} (T={tokens}, {wire}): {comparison.notes[:2]}")
+                        result.failed.append(f"request {n}: {error!r}")
 
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -168,7 +175,7 @@ def run_loadtest(
     for thread in threads:
         thread.join()
     result.seconds = time.perf_counter() - start
-    after = _metric_totals(url, model)
+    after = metric_totals(url, model)
     executions = after.get("nv_inference_exec_count_total", 0) - before.get("nv_inference_exec_count_total", 0)
     inferences = after.get("nv_inference_count_total", 0) - before.get("nv_inference_count_total", 0)
     if executions:

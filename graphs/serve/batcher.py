@@ -1,9 +1,11 @@
 """Dynamic batching: coalesce queued requests into one computation, answer each with its own rows.
 
-A batch starts with the oldest queued request and takes the following ones while they share its key (the
-logits datatype: one graph serves one dtype) and fit in ``max_rows`` (the largest bucket), until
-``max_delay_s`` has passed since the batch began collecting. A request larger than ``max_rows`` forms a batch
-of its own. The queue is bounded: past ``max_queue`` waiting requests ``submit`` raises ``QueueFull`` at once.
+A batch starts with the oldest queued request and takes the following ones while they fit in ``max_rows`` (the
+largest bucket). It waits for more only while requests are announced as arriving (``arriving()``: their bodies
+are being read or parsed), and no longer than ``max_delay_s`` since it began collecting; with nothing queued and
+nothing arriving it leaves at once, so a lone request never waits for the deadline. A request larger than
+``max_rows`` forms a batch of its own. The queue is bounded: past ``max_queue`` waiting requests ``submit``
+raises ``QueueFull`` at once.
 Every accepted request is answered exactly once, with its result or the computation's exception, also across
 ``stop()``, which refuses new requests and drains the queue before it returns.
 """
@@ -13,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +30,13 @@ class ShuttingDown(Exception):
     pass
 
 
+# Put on the queue to wake a collecting batch when the last announced arrival turns out not to come.
+_WAKE = object()
+
+
 @dataclass
 class Pending:
     rows: int
-    key: Hashable
     payload: Any
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
@@ -47,7 +53,9 @@ class BatchRecord:
 
 
 class DynamicBatcher:
-    """``compute(batch)`` runs on one worker thread and returns one result per ``Pending`` of the batch."""
+    """``compute(batch)`` runs on one worker thread and returns one result per ``Pending`` of the batch; a batch of
+    at most ``inline_rows`` rows runs on the event loop instead, where the thread hand-off would cost more than
+    the computation."""
 
     def __init__(
         self,
@@ -57,6 +65,7 @@ class DynamicBatcher:
         max_queue: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
         name: str = "batcher",
+        inline_rows: int = 0,
     ):
         if max_rows < 1:
             raise ValueError(f"max_rows={max_rows} is out of range: allowed >= 1")
@@ -64,26 +73,42 @@ class DynamicBatcher:
             raise ValueError(f"max_delay_s={max_delay_s} is out of range: allowed >= 0")
         if max_queue < 1:
             raise ValueError(f"max_queue={max_queue} is out of range: allowed >= 1")
+        if inline_rows < 0:
+            raise ValueError(f"inline_rows={inline_rows} is out of range: allowed >= 0")
         self.compute, self.max_rows, self.max_delay_s, self.max_queue = compute, max_rows, max_delay_s, max_queue
-        self.on_batch = on_batch
+        self.on_batch, self.inline_rows = on_batch, inline_rows
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._queue: asyncio.Queue[Pending | None] | None = None
+        self._queue: asyncio.Queue[Pending | object | None] | None = None
         self._held: collections.deque[Pending] = collections.deque()
         self._worker: asyncio.Task | None = None
         self._closing = False
         # Accepted and not yet handed to the worker thread: what the queue bound counts.
         self.waiting = 0
+        self._arriving = 0
+        self._collecting = False
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._worker = asyncio.create_task(self._run())
 
-    async def submit(self, rows: int, key: Hashable, payload: Any) -> Any:
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce a request on its way (a body being read): a collecting batch waits for it, up to its deadline.
+        Submit after leaving the block, with no ``await`` in between."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            if self._arriving == 0 and self._collecting:
+                self._queue.put_nowait(_WAKE)
+
+    async def submit(self, rows: int, payload: Any) -> Any:
         if self._closing or self._queue is None:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         if self.waiting >= self.max_queue:
             raise QueueFull(f"the request queue is full ({self.max_queue} requests waiting); retry later")
-        item = Pending(rows, key, payload, asyncio.get_running_loop().create_future())
+        item = Pending(rows, payload, asyncio.get_running_loop().create_future())
         self.waiting += 1
         self._queue.put_nowait(item)
         return await asyncio.shield(item.future)
@@ -98,7 +123,7 @@ class DynamicBatcher:
         self._worker = None
         self._executor.shutdown(wait=True)
 
-    async def _next(self, timeout: float | None) -> Pending | None:
+    async def _next(self, timeout: float | None) -> Pending | object | None:
         if self._held:
             return self._held.popleft()
         if timeout is None:
@@ -112,18 +137,29 @@ class DynamicBatcher:
         return await asyncio.wait_for(self._queue.get(), timeout)
 
     async def _collect(self, first: Pending) -> list[Pending]:
+        self._collecting = True
+        try:
+            return await self._gather(first)
+        finally:
+            self._collecting = False
+
+    async def _gather(self, first: Pending) -> list[Pending]:
         batch, rows = [first], first.rows
         deadline = time.perf_counter() + self.max_delay_s
         while rows < self.max_rows:
+            if not self._held and self._queue.empty() and not self._arriving:
+                break
             try:
                 item = await self._next(deadline - time.perf_counter())
             except TimeoutError:
                 break
+            if item is _WAKE:
+                continue
             if item is None:
                 # The stop marker: serve what is collected, then let the worker see the marker again.
                 self._queue.put_nowait(None)
                 break
-            if item.key != first.key or rows + item.rows > self.max_rows:
+            if rows + item.rows > self.max_rows:
                 self._held.appendleft(item)
                 break
             batch.append(item)
@@ -134,6 +170,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._next(None)
+            if first is _WAKE:
+                continue
             if first is None:
                 if not self._held:
                     return
@@ -143,8 +181,12 @@ class DynamicBatcher:
             self.waiting -= len(batch)
             started = time.perf_counter()
             queue_seconds = tuple(started - p.enqueued for p in batch)
+            rows = sum(p.rows for p in batch)
             try:
-                results = await loop.run_in_executor(self._executor, self.compute, batch)
+                if rows <= self.inline_rows:
+                    results = self.compute(batch)
+                else:
+                    results = await loop.run_in_executor(self._executor, self.compute, batch)
             except Exception as error:  # noqa: BLE001 - every waiter must get an answer, whatever broke
                 for pending in batch:
                     if not pending.future.done():
@@ -155,4 +197,4 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_result(result)
             if self.on_batch is not None:
-                self.on_batch(BatchRecord(len(batch), sum(p.rows for p in batch), queue_seconds, compute_seconds))
+                self.on_batch(BatchRecord(len(batch), rows, queue_seconds, compute_seconds))

@@ -9,12 +9,13 @@ message that names the field, so a bad request is refused before it can join a b
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+import orjson
+import rapidjson
 
 HEADER_LENGTH = "inference-header-content-length"
 INPUT_NAME = "gating_output"
@@ -30,6 +31,10 @@ class ProtocolError(Exception):
     def __init__(self, status: int, message: str, reason: str = "INVALID_ARGUMENT"):
         super().__init__(message)
         self.status, self.message, self.reason = status, message, reason
+
+    def __reduce__(self):
+        # Raised in the parser's process too: it must cross back whole.
+        return ProtocolError, (self.status, self.message, self.reason)
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,10 @@ def _bad(message: str) -> ProtocolError:
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     if header_length is None:
         return body, memoryview(b"")
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise _bad(f"Inference-Header-Content-Length={header_length!r} is not an integer") from None
+    # Plain decimal digits only: int() would also take "2_12", " 7" or "+7".
+    if not (header_length.isascii() and header_length.isdigit()):
+        raise _bad(f"Inference-Header-Content-Length={header_length!r} is not a non-negative decimal integer")
+    length = int(header_length)
     if not 0 <= length <= len(body):
         raise _bad(f"Inference-Header-Content-Length={length} is out of range: allowed 0..{len(body)} (the body size)")
     return body[:length], memoryview(body)[length:]
@@ -67,9 +72,14 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
 
 def _parse_json(text: bytes) -> dict:
     try:
-        document = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _bad(f"malformed JSON in the request: {error}") from None
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # Triton's own clients write NaN and Infinity (rapidjson), which are not JSON and orjson refuses: a body
+        # orjson cannot read is read again by rapidjson, which takes them (and refuses what is malformed).
+        try:
+            document = rapidjson.loads(text, number_mode=rapidjson.NM_NAN)
+        except (ValueError, RecursionError, OverflowError) as error:
+            raise _bad(f"malformed JSON in the request: {error}") from None
     if not isinstance(document, dict):
         raise _bad(f"the request must be a JSON object, got {type(document).__name__}")
     return document
@@ -86,14 +96,14 @@ def _shape(tensor: dict, signature: ModelSignature) -> tuple[int, int]:
         raise _bad(
             f"input {INPUT_NAME} has width E={experts}: model {signature.name} expects E={signature.num_experts}"
         )
-    if not 1 <= tokens <= signature.max_tokens:
-        raise _bad(f"input {INPUT_NAME} has T={tokens} tokens: allowed 1 <= T <= {signature.max_tokens}")
+    if not 0 <= tokens <= signature.max_tokens:
+        raise _bad(f"input {INPUT_NAME} has T={tokens} tokens: allowed 0 <= T <= {signature.max_tokens}")
     return tokens, experts
 
 
 def _tensor_data(tensor: dict, shape: tuple[int, int], binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
     datatype = tensor.get("datatype")
-    if datatype not in INPUT_DATATYPES:
+    if not isinstance(datatype, str) or datatype not in INPUT_DATATYPES:
         raise _bad(f"input {INPUT_NAME} has datatype {datatype!r}: allowed {', '.join(INPUT_DATATYPES)}")
     dtype = INPUT_DATATYPES[datatype]
     count = shape[0] * shape[1]
@@ -121,20 +131,48 @@ def _tensor_data(tensor: dict, shape: tuple[int, int], binary: memoryview, offse
         raise _bad(f"input {INPUT_NAME} has neither 'data' nor parameters.binary_data_size")
     if datatype not in JSON_INPUT_DATATYPES:
         raise _bad(f"input {INPUT_NAME}: datatype {datatype} is accepted as binary tensor data only, not in JSON")
+    return _json_numbers(tensor["data"], shape), offset
+
+
+def _json_numbers(data: object, shape: tuple[int, int]) -> np.ndarray:
+    """``data`` as float32 ``shape``: a flat list of numbers, or a list of rows of numbers.
+
+    The element types are checked first (one pass in C), since a float conversion would take strings, ``null``
+    and booleans as numbers."""
+    if not isinstance(data, list):
+        raise _bad(f"input {INPUT_NAME}: 'data' must be a list of numbers, got {type(data).__name__}")
+    kinds = set(map(type, data))
+    if kinds == {list}:
+        kinds = set().union(*(map(type, row) for row in data))
+    if not kinds <= {float, int}:
+        found = ", ".join(sorted(k.__name__ for k in kinds - {float, int}))
+        raise _bad(f"input {INPUT_NAME}: 'data' must hold numbers, flat or in rows of {shape[1]}; found {found}")
     try:
-        array = np.asarray(tensor["data"], dtype=np.float32)
-    except (TypeError, ValueError):
-        raise _bad(f"input {INPUT_NAME}: 'data' must hold numbers only") from None
+        # Numbers beyond float32's range are valid logits of infinite size.
+        with np.errstate(over="ignore"):
+            array = np.asarray(data, dtype=np.float32)
+    except (ValueError, OverflowError) as error:
+        raise _bad(f"input {INPUT_NAME}: 'data' cannot be read as float32 {list(shape)}: {error}") from None
+    count = shape[0] * shape[1]
+    if array.ndim > 1 and array.shape != shape:
+        raise _bad(f"input {INPUT_NAME}: 'data' is nested as {list(array.shape)}: flat or {list(shape)} allowed")
     if array.size != count:
         raise _bad(f"input {INPUT_NAME}: 'data' holds {array.size} values, shape {list(shape)} needs {count}")
-    return array.reshape(shape), offset
+    return array.reshape(shape)
+
+
+def _flag(parameters: dict, key: str, default: bool, where: str) -> bool:
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise _bad(f"{where}: {key}={value!r} must be true or false")
+    return value
 
 
 def _requested_outputs(document: dict, signature: ModelSignature) -> list[tuple[str, bool]]:
     parameters = document.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise _bad("request 'parameters' must be an object")
-    all_binary = bool(parameters.get("binary_data_output", False))
+    all_binary = _flag(parameters, "binary_data_output", False, "request parameters")
     asked = document.get("outputs")
     if asked is None:
         return [(name, all_binary) for name in signature.outputs]
@@ -143,7 +181,7 @@ def _requested_outputs(document: dict, signature: ModelSignature) -> list[tuple[
     out, seen = [], set()
     for entry in asked:
         name = entry.get("name")
-        if name not in signature.outputs:
+        if not isinstance(name, str) or name not in signature.outputs:
             raise _bad(f"unknown output {name!r}: model {signature.name} offers {', '.join(signature.outputs)}")
         if name in seen:
             raise _bad(f"output {name!r} is asked for twice")
@@ -151,7 +189,7 @@ def _requested_outputs(document: dict, signature: ModelSignature) -> list[tuple[
         entry_parameters = entry.get("parameters") or {}
         if not isinstance(entry_parameters, dict):
             raise _bad(f"output {name}: 'parameters' must be an object")
-        out.append((name, bool(entry_parameters.get("binary_data", all_binary))))
+        out.append((name, _flag(entry_parameters, "binary_data", all_binary, f"output {name} parameters")))
     return out
 
 
@@ -182,6 +220,18 @@ def parse_infer(body: bytes, header_length: str | None, signature: ModelSignatur
     return InferRequest(request_id, logits, _requested_outputs(document, signature))
 
 
+def parse_request(body: bytes, header_length: str | None, signature: ModelSignature | None) -> InferRequest | None:
+    """``parse_infer`` with anything it raises turned into a 400; no ``signature``: only load the parser."""
+    if signature is None:
+        return None
+    try:
+        return parse_infer(body, header_length, signature)
+    except ProtocolError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a body breaks in the parser, it is the body's fault
+        raise ProtocolError(400, f"the request could not be read: {type(error).__name__}: {error}") from None
+
+
 def encode_infer_response(
     model: str, request_id: str | None, outputs: Sequence[tuple[str, np.ndarray, bool]]
 ) -> tuple[bytes, dict[str, str]]:
@@ -194,12 +244,12 @@ def encode_infer_response(
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            tensor["data"] = array.reshape(-1).tolist()
+            tensor["data"] = np.ascontiguousarray(array).reshape(-1)
         tensors.append(tensor)
     document = {"model_name": model, "model_version": "1", "outputs": tensors}
     if request_id is not None:
         document["id"] = request_id
-    head = json.dumps(document, separators=(",", ":")).encode()
+    head = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return head, {"content-type": "application/json"}
     return b"".join([head, *blobs]), {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from graphs.batcher import BatchRecord
+from graphs.serve.batcher import BatchRecord
 
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -60,6 +60,7 @@ class ServiceMetrics:
             registry=r,
         )
         self.replays = Counter("fusedgate_bucket_replays", "Batches per bucket", ["model", "bucket"], registry=r)
+        self._done: dict[str, tuple] = {}
 
     def batch(self, model: str, record: BatchRecord, bucket: int, padded_rows: int) -> None:
         self.inference_count.labels(model).inc(record.requests)
@@ -71,9 +72,18 @@ class ServiceMetrics:
         self.replays.labels(model, str(bucket)).inc()
 
     def request_done(self, model: str, seconds: float) -> None:
-        self.success.labels(model).inc()
-        self.request_us.labels(model).inc(seconds * 1e6)
-        self.request_seconds.labels(model).observe(seconds)
+        # The labelled children, looked up once per model: labels() takes a lock and builds a key each call.
+        children = self._done.get(model)
+        if children is None:
+            children = self._done[model] = (
+                self.success.labels(model),
+                self.request_us.labels(model),
+                self.request_seconds.labels(model),
+            )
+        success, request_us, request_seconds = children
+        success.inc()
+        request_us.inc(seconds * 1e6)
+        request_seconds.observe(seconds)
 
     def request_failed(self, model: str, reason: str) -> None:
         self.failure.labels(model, reason).inc()

@@ -1,6 +1,6 @@
 """Graph-runner figures: capture cost per bucket policy, eager vs replay per call, and what padding costs.
 
-``python -m graphs.bench`` on a CUDA host prints three tables (card named in the header).
+``python -m harness.graph_bench`` on a CUDA host prints three tables (card named in the header).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A served routing model: its preset, its bias (and where it came from), and the backend that computes batches.
 
-Backends take a batch of logits as one numpy array ``[rows, E]`` of one dtype and return numpy outputs:
-``gpu`` copies it into pinned memory, replays the graph runner's bucket for that dtype and copies the rows
-back; ``cpu`` runs the C++ CPU kernel on it directly.
+Backends take a batch of logits as one float32 numpy array ``[rows, E]`` and return numpy outputs: ``gpu``
+copies it into pinned memory, replays the graph runner's bucket and copies the rows back; ``cpu`` runs the C++
+CPU kernel on it directly. FP16 and BF16 logits become float32 first: exactly, and the kernels compute in
+float32 anyway (DESIGN.md, rule 1), so requests of every dtype can share one batch and one graph.
 """
 
 from __future__ import annotations
@@ -11,18 +12,16 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from graphs.buckets import BucketTable, bucket_list
-from graphs.protocol import INPUT_DATATYPES
 from op.configs import RoutingConfig, get_config
 
 BIAS_KEY = "e_score_correction_bias"
+MODEL_VERSION = "1"
+INLINE_CPU_ROWS = 16
 BACKENDS = ("cpu", "gpu")
-# The logit dtypes the service takes, by numpy name (the protocol names them FP32, FP16, BF16).
-LOGIT_DTYPES = {dtype.name: dtype for dtype in INPUT_DATATYPES.values()}
 
 
 def seeded_bias(num_experts: int, seed: int) -> np.ndarray:
@@ -80,7 +79,7 @@ class _CpuBackend:
 
 
 class _GpuBackend:
-    """One graph runner per logit dtype, fed from pinned host memory."""
+    """The float32 graph runner, fed from pinned host memory."""
 
     def __init__(self, model: ServedModel):
         import torch
@@ -92,53 +91,40 @@ class _GpuBackend:
         self.torch, self.model = torch, model
         s, largest, experts = model.settings, model.table.largest, model.config.num_experts
         self.bias = torch.from_numpy(model.bias).cuda()
-        self.runners, self.staging = {}, {}
-        for dtype in LOGIT_DTYPES:
-            self.runners[dtype] = GraphRunner(
-                "fused",
-                model.config,
-                model.table.buckets,
-                dtype,
-                index_dtype=s.index_dtype,
-                return_scores=s.with_scores,
-                name=model.name,
-            )
-            self.staging[dtype] = torch.empty((largest, experts), dtype=getattr(torch, dtype), pin_memory=True)
+        self.runner = GraphRunner(
+            "fused",
+            model.config,
+            model.table.buckets,
+            "float32",
+            index_dtype=s.index_dtype,
+            return_scores=s.with_scores,
+            name=model.name,
+        )
+        self.staging = torch.empty((largest, experts), dtype=torch.float32, pin_memory=True)
         self.host_out = (
             torch.empty((largest, experts), dtype=torch.float32, pin_memory=True) if s.with_scores else None,
             torch.empty((largest, model.config.top_k), dtype=torch.float32, pin_memory=True),
             torch.empty((largest, model.config.top_k), dtype=getattr(torch, s.index_dtype), pin_memory=True),
         )
 
-    def _host_view(self, tensor: Any) -> np.ndarray:
-        # numpy has no bfloat16 view of a torch tensor: share the bytes as int16 and reinterpret.
-        if tensor.dtype == self.torch.bfloat16:
-            return tensor.view(self.torch.int16).numpy().view(LOGIT_DTYPES["bfloat16"])
-        return tensor.numpy()
-
     def __call__(self, logits: np.ndarray) -> tuple:
         torch = self.torch
-        dtype = logits.dtype.name
         rows = logits.shape[0]
-        runner = self.runners[dtype]
         if rows > self.model.table.largest:
             # torch warns on read-only numpy memory (a single request's network buffer): hand it a copy.
             logits = logits if logits.flags.writeable else logits.copy()
-            device_logits = torch.from_numpy(logits.view(np.int16) if dtype == "bfloat16" else logits)
-            if dtype == "bfloat16":
-                device_logits = device_logits.view(torch.bfloat16)
-            outputs = runner(device_logits, self.bias)
-            return tuple(None if t is None else self._host_view(t.cpu()) for t in outputs)
-        staging = self.staging[dtype][:rows]
-        np.copyto(self._host_view(staging), logits)
-        outputs = runner(staging, self.bias)
+            outputs = self.runner(torch.from_numpy(logits), self.bias)
+            return tuple(None if t is None else t.cpu().numpy() for t in outputs)
+        staging = self.staging[:rows]
+        np.copyto(staging.numpy(), logits)
+        outputs = self.runner(staging, self.bias)
         host = tuple(None if h is None else h[:rows] for h in self.host_out)
         for dst, src in zip(host, outputs, strict=True):
             if dst is not None:
                 dst.copy_(src, non_blocking=True)
         torch.cuda.current_stream().synchronize()
         # Views of the pinned buffers: the caller splits them into per-request copies before the next batch.
-        return tuple(None if h is None else self._host_view(h) for h in host)
+        return tuple(None if h is None else h.numpy() for h in host)
 
 
 class ServedModel:
@@ -164,9 +150,15 @@ class ServedModel:
         if settings.with_scores:
             self.outputs["scores"] = "FP32"
         self._backend = _GpuBackend(self) if settings.backend == "gpu" else _CpuBackend(self)
-        # Load the library and touch every dtype's path now, so the first requests do not pay for it.
-        for dtype in LOGIT_DTYPES.values():
-            self.compute(np.zeros((1, self.config.num_experts), dtype=dtype))
+        # Load the library and touch the path now, so the first requests do not pay for it.
+        self.compute(np.zeros((1, self.config.num_experts), dtype=np.float32))
+
+    @property
+    def inline_rows(self) -> int:
+        """Batches up to this many rows are computed on the event loop: on the CPU a few rows take less time than
+        handing them to the worker thread (about 50 µs); GPU batches always go to the worker, which waits for
+        the device."""
+        return INLINE_CPU_ROWS if self.settings.backend == "cpu" else 0
 
     def padded_rows(self, rows: int) -> int:
         """Rows the backend computes for a batch of ``rows``: its bucket on the GPU, exactly ``rows`` on the CPU."""
@@ -175,17 +167,27 @@ class ServedModel:
         return sum(chunk.bucket for chunk in self.table.chunks(rows))
 
     def compute(self, logits: np.ndarray) -> dict[str, np.ndarray]:
-        scores, values, ids = self._backend(logits)
+        scores, values, ids = self._backend(logits.astype(np.float32, copy=False))
         out = {"topk_values": values, "topk_indices": ids}
         if scores is not None:
             out["scores"] = scores
         return out
 
+    def empty_outputs(self) -> dict[str, np.ndarray]:
+        """The answer to a request of no tokens (DESIGN.md, rule 8: empty outputs, nothing launched)."""
+        widths = {
+            "topk_values": self.config.top_k,
+            "topk_indices": self.config.top_k,
+            "scores": self.config.num_experts,
+        }
+        dtypes = {"topk_values": np.float32, "topk_indices": self.settings.index_dtype, "scores": np.float32}
+        return {name: np.empty((0, widths[name]), dtype=dtypes[name]) for name in self.outputs}
+
     def metadata(self, max_tokens: int) -> dict:
         e = self.config.num_experts
         return {
             "name": self.name,
-            "versions": ["1"],
+            "versions": [MODEL_VERSION],
             "platform": f"fusedgate_{self.settings.backend}",
             "inputs": [{"name": "gating_output", "datatype": "FP32", "shape": [-1, e]}],
             "outputs": [

@@ -1,0 +1,1 @@
+"""The routing service: the Open Inference Protocol over HTTP, dynamic batching onto a routing backend."""
