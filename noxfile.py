@@ -235,16 +235,10 @@ def loadtest(session: nox.Session) -> None:
             _harness(session, "loadtest", "--backend", backend, "--encoding", encoding, posargs=False)
 
 
-@nox.session(venv_backend=HARNESS_BACKEND)
+@nox.session
 def capacity(session: nox.Session) -> None:
     """The service against the bare FastAPI endpoint, server and load generator pinned to different cores (wrk
     where installed, else the Python client); the table goes under reports/. GPU backend on a CUDA host.
     Options after ``--``: ``--seconds``, ``--client``, ``--server-cores``, ``--client-cores``, ``--concurrency``."""
-    backend = "gpu" if HARNESS_BACKEND == "none" else "cpu"
-    command = ["-m", "graphs.serve.capacity", "--backend", backend, *session.posargs]
-    if HARNESS_BACKEND == "none":
-        session.run("python3", "-m", "op.build", env=GPU_ENV)
-        session.run("python3", *command, env=GPU_ENV)
-    else:
-        _install_project(session)
-        session.run("python", *command)
+    backend = "gpu" if ON_CUDA_HOST else "cpu"
+    _harness(session, "--backend", backend, module="graphs.serve.capacity")
