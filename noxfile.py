@@ -98,7 +98,8 @@ def cuda_host(session: nox.Session, with_tests: bool = False) -> None:
         session.error(
             f"the {session.name} session needs a CUDA host (no nvidia-smi on PATH); `nox -l` lists the CPU sessions"
         )
-    test_tools = nox.project.dependency_groups(PYPROJECT, "test")
+    # The GPU suites run under pytest and xdist; the test group's other tools serve CPU tests only.
+    test_tools = [r for r in nox.project.dependency_groups(PYPROJECT, "test") if r.startswith("pytest")]
     needed = [*PYPROJECT["project"]["dependencies"], *(test_tools if with_tests else [])]
     names = [re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in needed]
     done = subprocess.run(["python3", "-c", _MISSING, "torch", *names], capture_output=True, text=True, check=False)
