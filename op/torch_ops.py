@@ -42,12 +42,14 @@ def _routing_op(name: str, eager: Any):
         return_scores: bool,
         num_tokens: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        scores, values, ids = eager(
+        # A custom op's outputs may not alias each other, and the eager front-end cuts its outputs from one
+        # allocation: here they are allocated apart and handed over through out=.
+        scores, values, ids = _outputs_like(gating_output, top_k, index_dtype, return_scores)
+        eager(
             gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor,
             index_dtype=index_dtype, return_scores=return_scores, num_tokens=num_tokens,
+            out=(scores if return_scores else None, values, ids),
         )  # fmt: skip
-        if scores is None:
-            scores = gating_output.new_empty((0, 0), dtype=torch.float32)
         return scores, values, ids
 
     custom = torch.library.custom_op(f"fusedgate::{name}", real, mutates_args=())
@@ -75,7 +77,9 @@ _ROUTING_OPS = {
 def _cast_sigmoid_bias(
     gating_output: Tensor, e_score_correction_bias: Tensor, num_tokens: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    return api.cast_sigmoid_bias(gating_output, e_score_correction_bias, num_tokens=num_tokens)
+    scores, biased = api.cast_sigmoid_bias(gating_output, e_score_correction_bias, num_tokens=num_tokens)
+    # The eager outputs share one allocation, which a custom op's outputs may not.
+    return scores, biased.clone()
 
 
 @_cast_sigmoid_bias.register_fake
@@ -103,7 +107,8 @@ def _noaux_tc(
         scores, scores_with_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor,
         index_dtype=index_dtype, num_tokens=num_tokens,
     )  # fmt: skip
-    return values, ids
+    # The eager outputs share one allocation, which a custom op's outputs may not.
+    return values, ids.clone()
 
 
 @_noaux_tc.register_fake
