@@ -126,8 +126,10 @@ def build_library(verbose: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "library.path"
     with FileLock(str(folder / ".lock")):
-        if done.exists() and Path(done.read_text()).exists():
-            return Path(done.read_text())
+        # The path is kept relative to the folder, so a cache copied to another place (a CI cache, a machine
+        # given a prebuilt library) still finds its library.
+        if done.exists() and (folder / done.read_text()).exists():
+            return folder / done.read_text()
         saved = {k: os.environ.get(k) for k in ("TVM_FFI_CUDA_ARCH_LIST", "CUDA_HOME")}
         if archs:
             os.environ["TVM_FFI_CUDA_ARCH_LIST"] = _arch_list(archs)
@@ -147,7 +149,7 @@ def build_library(verbose: bool = False) -> Path:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        done.write_text(str(path))
+        done.write_text(str(Path(path).resolve().relative_to(folder.resolve())))
         if verbose:
             print(f"built {path}", file=sys.stderr)
         return Path(path)
