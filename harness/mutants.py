@@ -112,7 +112,9 @@ def _tracked_copy(destination: Path) -> None:
 
 
 def _environment(tree: Path, cache: Path, gpu: bool) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "FUSEDGATE_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+    # The scratch tree first; whatever else the caller's path held (a GPU host's extra packages) after it.
+    path = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "FUSEDGATE_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
     if not gpu:
         env["FUSEDGATE_CUDA_ARCHS"] = "none"
     return env
