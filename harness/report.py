@@ -43,7 +43,8 @@ def environment() -> dict[str, str]:
     env = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        # The subcommand and its options only: the program's own path names the machine, not the run.
+        "command": " ".join(["fusedgate", *(shlex.quote(a) for a in sys.argv[1:])]),
         "commit": git_commit(),
     }
     try:
