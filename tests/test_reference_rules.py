@@ -148,6 +148,21 @@ def test_tied_experts_keep_lower_index_and_order(route):
     assert values[0][0] == values[0][1] and values[0][2] == values[0][3]
 
 
+def test_tied_experts_across_a_wide_row_keep_index_order(route):
+    # 128 equal experts: a GPU lane holding four orders its own before the warp compares lanes, and equal keys
+    # must still come out by index.
+    _, values, ids = route(np.full(128, 0.25, dtype=np.float32), np.zeros(128), 1, 1, 8)
+    assert ids[0].tolist() == list(range(8))
+    assert len(set(values[0].tolist())) == 1
+
+
+def test_tied_experts_in_tied_groups_keep_index_order(route):
+    # 256 equal experts in 8 tied groups: the lower groups are kept, and a GPU lane holding eight experts of a
+    # group scans its own for the best, where equal keys must still give the lower index first.
+    _, _, ids = route(np.full(256, -0.5, dtype=np.float32), np.zeros(256), 8, 4, 8)
+    assert ids[0].tolist() == list(range(8))
+
+
 def test_repeated_maximum_counts_twice_in_group_score(route):
     # Group 0: max 0.9 twice (sum 1.8); group 1: 0.95 and 0.1 (sum 1.05). Group 0 must win.
     x = np.zeros(8, dtype=np.float32)

@@ -105,18 +105,24 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     });
     return;
   }
-  const size_t bias_bytes = round_up4(static_cast<int>(experts)) * sizeof(float);
   const RoutingParams wp = warp_params(p, 8 / elem);
   if (warp_kernel_covers(wp) && rows <= warp_max_tokens(wp, latency_covers)) {
     const int vec = row_vec_bytes(wp.vpt, experts, elem, data_of(logits));
+    const int warps_per_token = warp_split(p);
+    const size_t warp_smem = warp_kernel_smem(warps_per_token);
     dispatch_warp_vpt(wp.vpt, [&](auto cap) {
       constexpr int VPT = decltype(cap)::value;
       by_dtype([&](auto* typed) {
         using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
         auto launch = [&](auto* kernel) {
-          launch_routing("fused_grouped_topk launch", kernel, rows, wp, bias_bytes, stream, device,
-                         static_cast<const T*>(data_of(logits)), data_of(bias), call.bias_kind, call.out,
-                         call.num_tokens, rows, wp, vec);
+          // A split row's block is that token's warps; otherwise a block holds kWarpsPerBlock tokens.
+          const int threads = warps_per_token > 1 ? 32 * warps_per_token : kWarpsPerBlock * 32;
+          const int64_t resident = static_cast<int64_t>(sm_count(device)) *
+                                   resident_blocks(kernel, warp_smem, device, threads);
+          const int64_t needed = warps_per_token > 1 ? rows : (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+          launch_dependent("fused_grouped_topk launch", kernel, static_cast<int>(needed < resident ? needed : resident),
+                           threads, warp_smem, stream, device, static_cast<const T*>(data_of(logits)), data_of(bias),
+                           call.bias_kind, call.out, call.num_tokens, rows, wp, vec, warps_per_token);
         };
         // Every model preset routes to 8 experts: that count unrolls its rounds.
         if constexpr (VPT <= 12) {
@@ -128,7 +134,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     return;
   }
   const int vec = row_vec_bytes(p.vpt, experts, elem, data_of(logits));
-  const size_t smem = bias_bytes + stage_bytes(p);
+  const size_t smem = round_up4(static_cast<int>(experts)) * sizeof(float) + stage_bytes(p);
   dispatch_vpt(p.vpt, [&](auto cap) {
     constexpr int VPT = decltype(cap)::value;
     by_dtype([&](auto* typed) {

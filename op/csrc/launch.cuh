@@ -62,15 +62,15 @@ constexpr int min_blocks_per_sm(int vpt, int elem_bytes) { return vpt <= 8 ? (el
 // Blocks of `kernel` an SM holds at once with `smem` bytes of dynamic shared memory (its registers and shared
 // memory decide), asked of the runtime once per kernel, size and device.
 template <typename... Params>
-inline int resident_blocks(void (*kernel)(Params...), size_t smem, int device) {
+inline int resident_blocks(void (*kernel)(Params...), size_t smem, int device, int threads = kWarpsPerBlock * 32) {
   static std::mutex mutex;
-  static std::map<std::tuple<const void*, size_t, int>, int> known;
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem, device);
+  static std::map<std::tuple<const void*, size_t, int, int>, int> known;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem, device, threads);
   std::lock_guard<std::mutex> lock(mutex);
   auto it = known.find(key);
   if (it == known.end()) {
     int blocks = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarpsPerBlock * 32, smem),
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem),
                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     it = known.emplace(key, blocks > 0 ? blocks : 1).first;
   }
