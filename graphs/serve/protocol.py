@@ -122,18 +122,22 @@ def _present(struct: msgspec.Struct) -> dict:
 
 
 def _parse_json(text: bytes) -> dict:
-    """The request as a dict. Where it has the usual outline (an object whose ``inputs`` are objects), each
-    input's ``data`` stays JSON text (``msgspec.Raw``, a view of the body), converted in chunks later: as Python
-    numbers, a large body would take about 11 times its size. Anything else (NaN tokens in the data, another
-    outline, malformed JSON) is read whole, and refused with the reason where it is wrong."""
-    try:
-        outline = _OUTLINE.decode(text)
-    except (msgspec.DecodeError, RecursionError):
-        document = _load(text)
-        if not isinstance(document, dict):
-            raise _bad(f"the request must be a JSON object, got {type(document).__name__}") from None
-        return document
-    return {**_present(outline), "inputs": [_present(tensor) for tensor in outline.inputs]}
+    """The request as a dict. A body larger than one chunk that has the usual outline (an object whose
+    ``inputs`` are objects) keeps each input's ``data`` as JSON text (``msgspec.Raw``, a view of the body),
+    converted in chunks later: as Python numbers, a large body would take about 11 times its size. Anything else
+    (a small body, where one parse is quicker; NaN tokens in the data; another outline; malformed JSON) is read
+    whole, and refused with the reason where it is wrong."""
+    if len(text) > DATA_CHUNK_BYTES:
+        try:
+            outline = _OUTLINE.decode(text)
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            return {**_present(outline), "inputs": [_present(tensor) for tensor in outline.inputs]}
+    document = _load(text)
+    if not isinstance(document, dict):
+        raise _bad(f"the request must be a JSON object, got {type(document).__name__}")
+    return document
 
 
 def _shape(tensor: dict, signature: ModelSignature) -> tuple[int, int]:
