@@ -108,6 +108,8 @@ class _ModelService:
             name=f"serve-{model.name}",
             inline_rows=model.inline_rows,
         )
+        self._domain = nvtx.get_domain(NVTX_DOMAIN)
+        self._ranges: dict[int, object] = {}
         # Read at scrape time, so the gauge is never stale between batches.
         metrics.pending.labels(model.name).set_function(lambda: self.batcher.waiting)
 
@@ -116,16 +118,23 @@ class _ModelService:
         return self.model.table.bucket_for(min(rows, self.model.table.largest))
 
     def _compute(self, batch: Sequence[Pending]) -> list[dict[str, np.ndarray]]:
-        rows = sum(p.rows for p in batch)
+        bucket = self._bucket(sum(p.rows for p in batch))
+        ranges = self._ranges.get(bucket)
+        if ranges is None:
+            ranges = self._ranges[bucket] = self._domain.get_event_attributes(
+                message=f"serve:{self.model.name}:bucket{bucket}"
+            )
         # Requests of every logit dtype share a batch: each becomes float32 (exactly) before the kernel.
-        logits = batch[0].payload if len(batch) == 1 else np.concatenate([p.payload for p in batch], dtype=np.float32)
-        bucket = self._bucket(rows)
-        with nvtx.annotate(f"serve:{self.model.name}:bucket{bucket}", domain=NVTX_DOMAIN):
-            outputs = self.model.compute(logits)
+        self._domain.push_range(ranges)
+        try:
+            outputs = self.model.compute([p.payload for p in batch])
+        finally:
+            self._domain.pop_range()
+        # The outputs belong to this batch: each request gets views of its own rows.
         results, start = [], 0
         for pending in batch:
             stop = start + pending.rows
-            results.append({name: array[start:stop].copy() for name, array in outputs.items()})
+            results.append({name: array[start:stop] for name, array in outputs.items()})
             start = stop
         return results
 
