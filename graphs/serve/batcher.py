@@ -111,7 +111,9 @@ class DynamicBatcher:
         item = Pending(rows, payload, asyncio.get_running_loop().create_future())
         self.waiting += 1
         self._queue.put_nowait(item)
-        return await asyncio.shield(item.future)
+        # Not shielded: a cancelled request cancels its future, which the worker then skips (it answers only
+        # futures not done); a shield would cost every request one more future and one more loop iteration.
+        return await item.future
 
     async def stop(self) -> None:
         """Refuse new requests, answer every queued one, then stop the worker."""

@@ -9,10 +9,13 @@ message that names the field, so a bad request is refused before it can join a b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
+import msgspec
 import numpy as np
 import orjson
 import rapidjson
@@ -22,6 +25,15 @@ INPUT_NAME = "gating_output"
 # Logit datatypes; FP16 and BF16 travel as binary only, as in Triton (JSON numbers are FP32 at best here).
 INPUT_DATATYPES = {"FP32": np.dtype(np.float32), "FP16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 JSON_INPUT_DATATYPES = ("FP32",)
+# Text of the data list converted at a time: its Python numbers (about 7 MB for 1 MiB of text) are all the memory
+# the conversion takes beyond its float32 result, whatever the size of the body.
+DATA_CHUNK_BYTES = 1 << 20
+# What a list of numbers is written with; the first other byte names the kind of JSON value found.
+_NUMBER_TEXT = b"0123456789+-.eE,[] \t\n\r"
+_JSON_KINDS = {ord('"'): "str", ord("{"): "dict", ord("n"): "NoneType", ord("t"): "bool", ord("f"): "bool"}
+_ROWS = re.compile(rb"[ \t\n\r]*\[")
+_ROW_END = re.compile(rb"\][ \t\n\r]*,")
+_COMMA = re.compile(rb",")
 OUTPUT_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}
 
 
@@ -70,16 +82,59 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
     return body[:length], memoryview(body)[length:]
 
 
-def _parse_json(text: bytes) -> dict:
+def _load(text: bytes) -> object:
     try:
-        document = orjson.loads(text)
+        return orjson.loads(text)
     except orjson.JSONDecodeError:
-        # Triton's own clients write NaN and Infinity (rapidjson), which are not JSON and orjson refuses: a body
-        # orjson cannot read is read again by rapidjson, which takes them (and refuses what is malformed).
+        # Triton's own clients write NaN and Infinity (rapidjson), which are not JSON and orjson refuses: text
+        # orjson cannot read is read again by rapidjson, which takes them (and integers or exponents beyond a
+        # float64, which orjson refuses too), and refuses what is malformed.
         try:
-            document = rapidjson.loads(text, number_mode=rapidjson.NM_NAN)
+            return rapidjson.loads(text, number_mode=rapidjson.NM_NAN)
         except (ValueError, RecursionError, OverflowError) as error:
             raise _bad(f"malformed JSON in the request: {error}") from None
+
+
+class _Tensor(msgspec.Struct):
+    """An input as the request's outline holds it: ``data`` kept as its JSON text."""
+
+    name: Any = msgspec.UNSET
+    shape: Any = msgspec.UNSET
+    datatype: Any = msgspec.UNSET
+    parameters: Any = msgspec.UNSET
+    data: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Outline(msgspec.Struct):
+    """The fields of a request that the parser reads; any others are skipped (after being checked as JSON)."""
+
+    inputs: list[_Tensor]
+    id: Any = msgspec.UNSET
+    parameters: Any = msgspec.UNSET
+    outputs: Any = msgspec.UNSET
+
+
+_OUTLINE = msgspec.json.Decoder(_Outline)
+
+
+def _present(struct: msgspec.Struct) -> dict:
+    return {name: value for name in struct.__struct_fields__ if (value := getattr(struct, name)) is not msgspec.UNSET}
+
+
+def _parse_json(text: bytes) -> dict:
+    """The request as a dict. A body larger than one chunk that has the usual outline (an object whose
+    ``inputs`` are objects) keeps each input's ``data`` as JSON text (``msgspec.Raw``, a view of the body),
+    converted in chunks later: as Python numbers, a large body would take about 11 times its size. Anything else
+    (a small body, where one parse is quicker; NaN tokens in the data; another outline; malformed JSON) is read
+    whole, and refused with the reason where it is wrong."""
+    if len(text) > DATA_CHUNK_BYTES:
+        try:
+            outline = _OUTLINE.decode(text)
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            return {**_present(outline), "inputs": [_present(tensor) for tensor in outline.inputs]}
+    document = _load(text)
     if not isinstance(document, dict):
         raise _bad(f"the request must be a JSON object, got {type(document).__name__}")
     return document
@@ -139,6 +194,8 @@ def _json_numbers(data: object, shape: tuple[int, int]) -> np.ndarray:
 
     The element types are checked first (one pass in C), since a float conversion would take strings, ``null``
     and booleans as numbers."""
+    if isinstance(data, msgspec.Raw):
+        return _json_text_numbers(memoryview(data), shape)
     if not isinstance(data, list):
         raise _bad(f"input {INPUT_NAME}: 'data' must be a list of numbers, got {type(data).__name__}")
     kinds = set(map(type, data))
@@ -159,6 +216,60 @@ def _json_numbers(data: object, shape: tuple[int, int]) -> np.ndarray:
     if array.size != count:
         raise _bad(f"input {INPUT_NAME}: 'data' holds {array.size} values, shape {list(shape)} needs {count}")
     return array.reshape(shape)
+
+
+def _json_text_numbers(text: memoryview, shape: tuple[int, int]) -> np.ndarray:
+    """``data`` given as the JSON text of a valid value (checked by the outline's decoder), converted about
+    ``DATA_CHUNK_BYTES`` of text at a time into one float32 array: the Python numbers of one chunk are all the
+    memory the conversion takes beyond its result.
+
+    A chunk ends at a separator of the outer list: at a comma for a flat list; after a row's ``]`` for rows.
+    Chunks are checked to hold nothing but numbers, commas, brackets and spaces before they are split, so a
+    string cannot hide a separator; a list nested otherwise than flat or in rows of ``E`` splits into chunks
+    that are malformed, ragged or of the wrong depth, each refused."""
+    if bytes(text[:1]) != b"[":
+        raise _bad(f"input {INPUT_NAME}: 'data' must be a list of numbers, got {type(_load(text)).__name__}")
+    rows = _ROWS.match(text, 1) is not None
+    separator = _ROW_END if rows else _COMMA
+    count = shape[0] * shape[1]
+    out = np.empty(count, dtype=np.float32)
+    filled, start, end = 0, 1, len(text) - 1
+    while start < end:
+        found = separator.search(text, min(start + DATA_CHUNK_BYTES, end), end)
+        stop = found.end() - 1 if found is not None else end
+        piece = bytes(text[start:stop])
+        other = piece.translate(None, _NUMBER_TEXT)
+        if other:
+            found_kind = _JSON_KINDS.get(other[0], "other")
+            raise _bad(
+                f"input {INPUT_NAME}: 'data' must hold numbers, flat or in rows of {shape[1]}; found {found_kind}"
+            )
+        nested_otherwise = _bad(f"input {INPUT_NAME}: 'data' is nested otherwise than flat or as {list(shape)}")
+        try:
+            values = _load(b"[" + piece + b"]")
+        except ProtocolError as error:
+            # A chunk of valid JSON text that does not read: split inside a list nested otherwise, or holding a
+            # number beyond a float64.
+            raise _bad(f"{nested_otherwise.message}, or holds a number beyond a float64 ({error.message})") from None
+        try:
+            with np.errstate(over="ignore"):
+                array = np.asarray(values, dtype=np.float32)
+        except ValueError:
+            raise nested_otherwise from None
+        except OverflowError as error:
+            raise _bad(f"input {INPUT_NAME}: 'data' holds a number that cannot be read as float32: {error}") from None
+        if array.ndim != (2 if rows else 1) or (rows and array.shape[1] != shape[1]):
+            raise nested_otherwise
+        if filled + array.size > count:
+            raise _bad(f"input {INPUT_NAME}: 'data' holds more than the {count} values shape {list(shape)} needs")
+        # The next chunk's numbers are made before the name is bound again: only one chunk's are held.
+        del values
+        out[filled : filled + array.size] = array.reshape(-1)
+        filled += array.size
+        start = stop + 1
+    if filled != count:
+        raise _bad(f"input {INPUT_NAME}: 'data' holds {filled} values, shape {list(shape)} needs {count}")
+    return out.reshape(shape)
 
 
 def _flag(parameters: dict, key: str, default: bool, where: str) -> bool:

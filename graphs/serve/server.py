@@ -10,11 +10,9 @@ uvicorn stops accepting, in-flight requests are answered, then every batcher dra
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import gc
 import logging
-import multiprocessing
 import re
 import socket
 import threading
@@ -32,6 +30,7 @@ from graphs.serve.batcher import BatchRecord, DynamicBatcher, Pending, QueueFull
 from graphs.serve.body import RETRY_AFTER_S, BodyBudget, ClientGone, content_encoding, decompress, receive_body
 from graphs.serve.metrics import ServiceMetrics
 from graphs.serve.models import MODEL_VERSION, ServedModel
+from graphs.serve.parser import ParserProcess
 from graphs.serve.protocol import (
     HEADER_LENGTH,
     INPUT_DATATYPES,
@@ -45,8 +44,8 @@ from graphs.serve.protocol import (
 NVTX_DOMAIN = "fusedgate"
 SERVER_NAME = "fusedgate"
 # Bodies above this are decoded, parsed and encoded off the event loop, so one large request does not stall others:
-# JSON ones in a child process (the JSON parser and the list-to-array conversion hold the GIL throughout, so a
-# thread would stall every other request just the same), binary ones in a thread (only a small header to parse).
+# JSON ones in a child process (the parse holds the GIL nearly throughout: in a thread, two 60 MiB bodies took T=1
+# requests to a 345 ms worst latency and a 10 ms median), binary ones in a thread (only a small header to parse).
 THREADPOOL_BYTES = 1 << 20
 # Room for the JSON header of the largest binary request in the default body limit.
 HEADER_ALLOWANCE = 64 << 10
@@ -109,6 +108,8 @@ class _ModelService:
             name=f"serve-{model.name}",
             inline_rows=model.inline_rows,
         )
+        self._domain = nvtx.get_domain(NVTX_DOMAIN)
+        self._ranges: dict[int, object] = {}
         # Read at scrape time, so the gauge is never stale between batches.
         metrics.pending.labels(model.name).set_function(lambda: self.batcher.waiting)
 
@@ -117,16 +118,23 @@ class _ModelService:
         return self.model.table.bucket_for(min(rows, self.model.table.largest))
 
     def _compute(self, batch: Sequence[Pending]) -> list[dict[str, np.ndarray]]:
-        rows = sum(p.rows for p in batch)
+        bucket = self._bucket(sum(p.rows for p in batch))
+        ranges = self._ranges.get(bucket)
+        if ranges is None:
+            ranges = self._ranges[bucket] = self._domain.get_event_attributes(
+                message=f"serve:{self.model.name}:bucket{bucket}"
+            )
         # Requests of every logit dtype share a batch: each becomes float32 (exactly) before the kernel.
-        logits = batch[0].payload if len(batch) == 1 else np.concatenate([p.payload for p in batch], dtype=np.float32)
-        bucket = self._bucket(rows)
-        with nvtx.annotate(f"serve:{self.model.name}:bucket{bucket}", domain=NVTX_DOMAIN):
-            outputs = self.model.compute(logits)
+        self._domain.push_range(ranges)
+        try:
+            outputs = self.model.compute([p.payload for p in batch])
+        finally:
+            self._domain.pop_range()
+        # The outputs belong to this batch: each request gets views of its own rows.
         results, start = [], 0
         for pending in batch:
             stop = start + pending.rows
-            results.append({name: array[start:stop].copy() for name, array in outputs.items()})
+            results.append({name: array[start:stop] for name, array in outputs.items()})
             start = stop
         return results
 
@@ -203,15 +211,11 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         raise ValueError("each model is served once: a preset was given twice")
     body_limit = settings.body_limit(models)
     budget = BodyBudget(settings.max_body_bytes_in_flight or 2 * body_limit)
-    parsers: list[concurrent.futures.ProcessPoolExecutor] = []
+    parser = ParserProcess()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        # spawn, not fork: the server process has threads (batcher workers) that a fork would copy mid-state.
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        parsers.append(pool)
-        # Start the child and import the parser in it now, not on the first large request.
-        await asyncio.get_running_loop().run_in_executor(pool, parse_request, b"{}", None, None)
+        await parser.start()
         for service in services.values():
             await service.batcher.start()
         # What is loaded by now (torch among it, about 200k objects) lives as long as the server: kept out of the
@@ -224,7 +228,7 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         app.state.ready = False
         for service in services.values():
             await service.batcher.stop()
-        pool.shutdown(wait=True)
+        await asyncio.to_thread(parser.close)
 
     app = FastAPI(title=SERVER_NAME, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.ready = False
@@ -306,8 +310,7 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
             if len(body) <= THREADPOOL_BYTES:
                 return parse_request(body, header_length, service.signature)
             if header_length is None:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(parsers[0], parse_request, body, header_length, service.signature)
+                return await parser.parse(body, header_length, service.signature)
             return await asyncio.to_thread(parse_request, body, header_length, service.signature)
         finally:
             budget.give(taken)

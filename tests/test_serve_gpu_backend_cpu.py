@@ -1,0 +1,89 @@
+"""The GPU backend's host side on the CPU: torch CPU tensors stand in for pinned and device memory and the graph
+runner's stand-in backend re-runs the captured call, so staging, the per-size views, the copies each way and
+the outputs each batch gets are checked against the reference without a GPU."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from test_graph_runner_cpu import RecordingBackend  # noqa: E402
+
+from graphs import runner as runner_module  # noqa: E402
+from graphs.serve.models import ModelSettings, ServedModel  # noqa: E402
+from graphs.serve.protocol import INPUT_DATATYPES  # noqa: E402
+from op.testing import assert_routing_close  # noqa: E402
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def synchronize(self) -> None:
+        self.waits += 1
+
+
+@pytest.fixture
+def model(monkeypatch):
+    stream = _Stream()
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self: self)
+
+    def unpinned(*args, pin_memory=False, **kwargs):
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", unpinned)
+    monkeypatch.setitem(runner_module._BACKENDS, "torch", RecordingBackend)
+    # The CPU kernel takes no device token count, so padding rows are computed.
+    monkeypatch.setattr(runner_module, "GraphRunner", functools.partial(runner_module.GraphRunner, skip_padding=False))
+    served = ServedModel(ModelSettings("deepseek_v3", backend="gpu", with_scores=True, bias_seed=2, max_bucket=16))
+    return served, stream
+
+
+def test_a_batch_of_mixed_dtypes_is_one_replay_one_wait_and_matches_the_reference(model):
+    served, stream = model
+    backend = served._backend
+    rng = np.random.default_rng(5)
+    wires = ["FP32", "BF16", "FP16", "FP32"]
+    parts = [
+        (rng.standard_normal((n, 256)) * 2).astype(INPUT_DATATYPES[w]) for n, w in zip([1, 3, 2, 5], wires, strict=True)
+    ]
+    replays, waits = backend.runner._backend.replays, stream.waits
+    outputs = served.compute(parts)
+    assert backend.runner._backend.replays == replays + 1 and stream.waits == waits + 1
+    x = np.concatenate(parts, dtype=np.float32)
+    got = (outputs["scores"], outputs["topk_values"], outputs["topk_indices"])
+    assert_routing_close(got, x, served.bias, served.config)
+
+
+def test_each_batch_owns_its_outputs(model):
+    served, _ = model
+    rng = np.random.default_rng(6)
+    first_x = rng.standard_normal((3, 256)).astype(np.float32)
+    kept = served.compute([first_x])
+    first = {name: array.copy() for name, array in kept.items()}
+    served.compute([rng.standard_normal((3, 256)).astype(np.float32)])
+    for name, array in kept.items():
+        np.testing.assert_array_equal(array, first[name])
+    got = (kept["scores"], kept["topk_values"], kept["topk_indices"])
+    assert_routing_close(got, first_x, served.bias, served.config)
+
+
+def test_the_logits_are_copied_into_the_runners_input_once(model):
+    served, _ = model
+    runner = served._backend.runner
+    x = np.random.default_rng(7).standard_normal((4, 256)).astype(np.float32)
+    served.compute([x])
+    np.testing.assert_array_equal(runner.static_logits[:4].numpy(), x)
+
+
+def test_a_batch_above_the_largest_bucket_is_refused(model):
+    served, _ = model
+    with pytest.raises(ValueError, match="largest bucket"):
+        served.compute([np.zeros((17, 256), dtype=np.float32)])
