@@ -1,6 +1,7 @@
-"""The C++ CPU kernel's own machinery: rows split over threads, the thread count's sources, the selection widths it
-switches between, and its float decoding and sigmoid at the edges. Inputs are hand-built (answers known exactly)
-or drawn from ``generate_input`` with the run's recorded seed."""
+"""The C++ CPU kernel's own machinery, on both of its per-token loops (the processor's own and the portable one):
+rows split over threads, the thread count's sources, the selection widths it switches between, and its float
+decoding and sigmoid at the edges. Inputs are hand-built (answers known exactly) or drawn from ``generate_input``
+with the run's recorded seed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ from op.configs import ALL_CONFIGS
 from op.testing import WEIGHT_RTOL, assert_routing_close
 
 THREADS_ENV = "FUSEDGATE_CPU_THREADS"
+ISA_ENV = "FUSEDGATE_CPU_ISA"
+
+
+@pytest.fixture(autouse=True, params=["native", "portable"])
+def isa(request, monkeypatch):
+    """Every test here runs on the processor's own loop and on the portable one."""
+    if request.param == "portable":
+        monkeypatch.setenv(ISA_ENV, "portable")
+    return request.param
 
 
 @pytest.fixture
