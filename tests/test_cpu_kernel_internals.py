@@ -143,6 +143,15 @@ def test_infinite_bias_makes_an_expert_invalid():
     assert ids[0].tolist() == [3, 1]
 
 
+def test_an_infinite_bias_is_invalid_where_groups_are_scored():
+    # Four groups of four tie at 1.0 (0.5 + 0.5); the infinite bias must neither raise group 0 nor be chosen.
+    x = np.zeros((1, 16), np.float32)
+    bias = np.zeros(16, np.float32)
+    bias[0] = np.inf
+    _, _, ids = grouped_topk(x, bias, 4, 2, 2, True, 1.0)
+    assert ids[0].tolist() == [1, 2]
+
+
 def test_sigmoid_holds_the_standard_where_exp_saturates_and_overflows():
     """Near 1 (the argument clamp) and at subnormal and zero scores (exp near and past float's largest value)."""
     x = np.array([[12.0, 15.0, 17.0, 30.0, -87.0, -88.5, -88.72, -89.0, -100.0, -np.inf]], np.float32)
