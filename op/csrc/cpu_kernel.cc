@@ -1,7 +1,7 @@
 // Path `cpu_kernel`: the routing op in C++ on the CPU, for CPU tensors of any framework (the microservice's CPU
 // backend, the Paddle CPU path). This file is the library entry point: it checks the call, picks the per-token
 // loop for the processor (cpu_route_avx512.h where AVX-512 is present, else cpu_route_portable.h; both give the
-// same bits) and splits the tokens into contiguous row ranges over threads.
+// same bits) and splits the tokens into contiguous row ranges over threads (cpu_pool.h).
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/function.h>
@@ -24,6 +24,7 @@
 #include "checks.h"
 #include "cpu_route.h"
 #include "cpu_route_avx512.h"
+#include "cpu_pool.h"
 #include "cpu_route_portable.h"
 
 namespace fusedgate {
@@ -34,9 +35,9 @@ using tvm::ffi::TensorView;
 
 constexpr int kMaxThreads = 1024;
 // Below this many experts (rows x E) per thread, a thread costs more than it saves. On the shared 2-core x86-64
-// machine a thread start and join took 25 us at best and 80 us on average, yet two threads only broke even at
-// 2048 tokens of 128 experts (about 0.5 ms of work) and lost below it, the second core being rarely free.
-constexpr int64_t kMinExpertsPerThread = 1 << 18;
+// machine, with the pool's threads already running, two threads gained 1.0-1.7x at 1024 tokens of 128 to 384
+// experts (0.2-0.5 ms of work) and 1.7-1.9x at 4096; below that the wake-up and a busy second core eat the gain.
+constexpr int64_t kMinExpertsPerThread = 1 << 16;
 
 enum class Isa { kPortable, kAvx512 };
 
@@ -78,6 +79,18 @@ void route(const Call& call, int64_t begin, int64_t end) {
   }
 #endif
   cpu::portable::route_rows_any(call.p, call.io, begin, end);
+}
+
+// A call's rows cut into contiguous ranges whose sizes differ by at most one.
+struct Split {
+  const Call* call;
+  int64_t rows;
+  int64_t start(int part, int parts) const { return rows / parts * part + std::min<int64_t>(part, rows % parts); }
+};
+
+void route_part(const void* context, int part, int parts) {
+  const Split& split = *static_cast<const Split*>(context);
+  route(*split.call, split.start(part, parts), split.start(part + 1, parts));
 }
 
 int affinity_cpus() {
@@ -175,19 +188,25 @@ void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> s
     route(call, 0, rows);
     return;
   }
-  // Contiguous row ranges whose sizes differ by at most one; this thread takes the first.
-  auto range_start = [&](int i) { return rows / threads * i + std::min<int64_t>(i, rows % threads); };
+  const Split split{&call, rows};
+  int started = cpu::Pool::run(route_part, &split, threads);
+  if (started > 0) {
+    // Parts the pool could not start a thread for run here.
+    route(call, split.start(started, threads), rows);
+    return;
+  }
+  // Another call holds the pool: threads of this call's own.
   std::vector<std::thread> workers;
   workers.reserve(threads - 1);
-  int started = 1;
+  started = 1;
   try {
     for (; started < threads; ++started)
-      workers.emplace_back(route, std::cref(call), range_start(started), range_start(started + 1));
+      workers.emplace_back(route_part, &split, started, threads);
   } catch (const std::system_error&) {
     // No thread to be had (a process limit): the ranges still unassigned run here.
   }
-  route(call, range_start(0), range_start(1));
-  route(call, range_start(started), rows);
+  route(call, split.start(0, threads), split.start(1, threads));
+  route(call, split.start(started, threads), rows);
   for (std::thread& w : workers) w.join();
 }
 
