@@ -251,6 +251,10 @@ class GraphRunner:
 
     def _call_new_shape(self, logits: Any, bias: Any) -> tuple:
         shape = logits.shape
+        # Paddle's shapes are lists, kept as tuples.
+        step = self._steps.get(tuple(shape))
+        if step is not None:
+            return self._run(step, logits, bias)
         if len(shape) != 2 or shape[1] != self.config.num_experts:
             raise ValueError(f"gating_output must have shape [T, {self.config.num_experts}], got {tuple(shape)}")
         count = int(shape[0])
@@ -258,10 +262,7 @@ class GraphRunner:
             step = self._step(count)
             # Bounded, so a server seeing every token count up to 65536 does not hoard view objects.
             if len(self._steps) < VIEW_CACHE_ENTRIES:
-                try:
-                    self._steps[shape] = step
-                except TypeError:
-                    self._steps[tuple(shape)] = step
+                self._steps[tuple(shape)] = step
             return self._run(step, logits, bias)
         b, k = self._backend, self.config.top_k
         if count == 0:
