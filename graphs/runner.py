@@ -74,8 +74,8 @@ class _TorchBackend:
             result = fn()
         return graph, result
 
-    def replay(self, graph: Any) -> None:
-        graph.replay()
+    def replayer(self, graph: Any) -> Callable[[], None]:
+        return graph.replay
 
     def synchronize(self) -> None:
         self.torch.cuda.synchronize()
@@ -88,6 +88,10 @@ class _TorchBackend:
 
     def copy(self, dst: Any, src: Any) -> None:
         dst.copy_(src)
+
+    def copier(self, dst: Any) -> Callable[[Any], Any]:
+        """``dst``'s copy-in, bound once."""
+        return dst.copy_
 
 
 class _PaddleBackend(_TorchBackend):
@@ -131,6 +135,9 @@ class _PaddleBackend(_TorchBackend):
 
     def copy(self, dst: Any, src: Any) -> None:
         self.paddle.assign(src.astype(dst.dtype), output=dst)
+
+    def copier(self, dst: Any) -> Callable[[Any], Any]:
+        return lambda src: self.copy(dst, src)
 
 
 _BACKENDS = {"torch": _TorchBackend, "paddle": _PaddleBackend}
@@ -183,11 +190,15 @@ class GraphRunner:
         )
         self._graphs: dict[int, Any] = {}
         self._outputs: dict[int, tuple] = {}
-        self._bias_seen: tuple | None = None
+        # The last bias copied in and its version (torch counts in-place writes in _version); holding it keeps
+        # its identity from being reused by another tensor.
+        self._bias: Any = None
+        self._bias_version: int | None = None
         self._count_written = largest
-        # Per count up to the largest bucket: its graph, NVTX attributes, input rows and output views, built once.
+        # Per input shape up to the largest bucket: its copy-in, replay, NVTX attributes, output views and count,
+        # bound once, so that a call does no more than run them.
         self._domain = nvtx.get_domain(NVTX_DOMAIN)
-        self._replay_for: dict[int, tuple] = {}
+        self._steps: dict[Any, tuple] = {}
         start = time.perf_counter()
         for bucket in self.table.buckets:
             b.warm_up(lambda bucket=bucket: self._launch(bucket))
@@ -205,46 +216,54 @@ class GraphRunner:
                 kwargs["num_tokens"] = self.static_num_tokens
         return self._route(b.rows(self.static_logits, bucket), self.static_bias, *self.config.args(), **kwargs)
 
-    def _replay(self, logits: Any, bias: Any, count: int) -> tuple:
+    def _step(self, count: int) -> tuple:
+        """What a call of ``count`` rows runs: bound copy-in and replay, NVTX attributes, output views."""
         b = self._backend
-        replay = self._replay_for.get(count)
-        if replay is None:
-            replay = self._prepare_count(count)
-        graph, attributes, static_rows, views = replay
-        b.copy(static_rows, logits)
-        # The bias rarely changes between calls: copy it only when another tensor, or a modified one (torch
-        # counts in-place writes in _version), arrives. Holding the last one keeps its identity from being reused.
+        bucket = self.table.bucket_for(count)
+        views = tuple(None if t is None else b.rows(t, count) for t in self._outputs[bucket])
+        attributes = self._domain.get_event_attributes(message=f"{self.path}:{self.name}:bucket{bucket}")
+        return b.copier(b.rows(self.static_logits, count)), b.replayer(self._graphs[bucket]), attributes, views, count
+
+    def _run(self, step: tuple, logits: Any, bias: Any) -> tuple:
+        copy_in, replay, attributes, views, count = step
+        copy_in(logits)
+        # The bias rarely changes between calls: it is copied only when another tensor, or a modified one, arrives.
         version = getattr(bias, "_version", None)
-        seen = self._bias_seen
-        if seen is None or seen[0] is not bias or version is None or version != seen[1]:
-            b.copy(self.static_bias, bias.reshape(self.static_bias.shape))
-            self._bias_seen = (bias, version)
-        # The device scalar keeps its value between calls: write it only when the count changes.
+        if bias is not self._bias or version is None or version != self._bias_version:
+            self._backend.copy(self.static_bias, bias.reshape(self.static_bias.shape))
+            self._bias, self._bias_version = bias, version
+        # The device scalar keeps its value between calls: it is written only when the count changes.
         if self.skip_padding and count != self._count_written:
             self.static_num_tokens.fill_(count)
             self._count_written = count
-        self._domain.push_range(attributes)
-        b.replay(graph)
-        self._domain.pop_range()
+        domain = self._domain
+        domain.push_range(attributes)
+        replay()
+        domain.pop_range()
         return views
 
-    def _prepare_count(self, count: int) -> tuple:
-        bucket = self.table.bucket_for(count)
-        views = tuple(None if t is None else self._backend.rows(t, count) for t in self._outputs[bucket])
-        attributes = self._domain.get_event_attributes(message=f"{self.path}:{self.name}:bucket{bucket}")
-        replay = (self._graphs[bucket], attributes, self._backend.rows(self.static_logits, count), views)
-        # Bounded, so a server seeing every token count up to 65536 does not hoard view objects.
-        if len(self._replay_for) < VIEW_CACHE_ENTRIES:
-            self._replay_for[count] = replay
-        return replay
-
     def __call__(self, logits: Any, bias: Any) -> tuple:
+        try:
+            step = self._steps[logits.shape]
+        except (KeyError, TypeError):
+            return self._call_new_shape(logits, bias)
+        return self._run(step, logits, bias)
+
+    def _call_new_shape(self, logits: Any, bias: Any) -> tuple:
         shape = logits.shape
+        # Paddle's shapes are lists, kept as tuples.
+        step = self._steps.get(tuple(shape))
+        if step is not None:
+            return self._run(step, logits, bias)
         if len(shape) != 2 or shape[1] != self.config.num_experts:
             raise ValueError(f"gating_output must have shape [T, {self.config.num_experts}], got {tuple(shape)}")
         count = int(shape[0])
         if 0 < count <= self.table.largest:
-            return self._replay(logits, bias, count)
+            step = self._step(count)
+            # Bounded, so a server seeing every token count up to 65536 does not hoard view objects.
+            if len(self._steps) < VIEW_CACHE_ENTRIES:
+                self._steps[tuple(shape)] = step
+            return self._run(step, logits, bias)
         b, k = self._backend, self.config.top_k
         if count == 0:
             return (
@@ -258,7 +277,7 @@ class GraphRunner:
             b.empty((count, k), self.index_dtype),
         )
         for chunk in self.table.chunks(count):
-            part = self._replay(logits[chunk.start : chunk.start + chunk.size], bias, chunk.size)
+            part = self(logits[chunk.start : chunk.start + chunk.size], bias)
             for dst, src in zip(owned, part, strict=True):
                 if dst is not None:
                     b.copy(dst[chunk.start : chunk.start + chunk.size], src)

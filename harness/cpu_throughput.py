@@ -116,7 +116,8 @@ def markdown(table: list[tuple], card: str, all_threads: int, samples: int, comm
     lines = [
         f"# CPU throughput: `cpu_kernel` against `reference` on {card}",
         "",
-        f"Commit {commit}, {stamp}. Float32 numpy input (`randn`), scores returned; ms per call, best of {samples}"
+        f"Commit {commit}, {stamp}, the kernel's {library().cpu_isa()} loop. Float32 numpy input (`randn`), scores"
+        f" returned; ms per call, best of {samples}"
         " samples taken in turns (fewer at T=65536), each the mean over calls lasting a few ms. The machine is"
         " shared, so the best sample is the least disturbed one; the CSV holds the quartiles.",
         f"`ref/k1`: reference time over the kernel's on one thread; `k1/kN`: one thread over {all_threads} asked"

@@ -63,6 +63,10 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
                 torch.empty(shapes[2], dtype=i64, device=device),
             ),
         ),
+        # How the op allocates its outputs, and the alternative it measured against: one allocation cut into the
+        # outputs by views.
+        Row("three bound new_empty (the op's allocation)", _new_empty(torch, device, shapes)),
+        Row("one torch.empty cut into the outputs (view + 3 as_strided)", _one_buffer(torch, device, shapes)),
         Row("op.grouped_topk eager", lambda: op.grouped_topk(x, bias, *args), sigmoid, eager_target),
         Row(
             "op.grouped_topk(..., return_scores=False)",
@@ -82,14 +86,18 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
     ]
     if not cuda:
         return rows
-    rows.append(
+    scores, biased = op.cast_sigmoid_bias(x, bias)
+    rows += [
         Row(
             "op.two_kernel_grouped_topk eager",
             lambda: op.two_kernel_grouped_topk(x, bias, *args),
             sigmoid,
             two_kernel_target,
         ),  # fmt: skip
-    )
+        Row("op.cast_sigmoid_bias eager", lambda: op.cast_sigmoid_bias(x, bias), sigmoid),
+        Row("op.noaux_tc eager", lambda: op.noaux_tc(scores, biased, *args), sigmoid),
+        Row("op.fused_block_grouped_topk eager", lambda: op.fused_block_grouped_topk(x, bias, *args), sigmoid),
+    ]
     runner = GraphRunner("fused", config, [tokens], "bfloat16", name=PRESET)
     inputs = [as_tensor(generate_input(config, tokens, "bfloat16", seed=i)[0]) for i in range(DISTINCT_INPUTS)]
     graph = runner._graphs[tokens]
@@ -104,6 +112,31 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
         Row(replay, graph.replay),
     ]
     return rows
+
+
+def _new_empty(torch, device: str, shapes) -> Callable[[], object]:
+    (rows, experts), (_, k), _ = shapes
+    make_scores = torch.empty(1, dtype=torch.float32, device=device).new_empty
+    make_ids = torch.empty(1, dtype=torch.int64, device=device).new_empty
+    return lambda: (make_scores(rows, experts), make_scores(rows, k), make_ids(rows, k))
+
+
+def _one_buffer(torch, device: str, shapes) -> Callable[[], object]:
+    (rows, experts), (_, k), _ = shapes
+    # float32 words: the scores, the values and the ids (two words each), each piece on a 16-byte boundary.
+    first_values = -(-rows * experts // 4) * 4
+    first_ids = first_values + -(-rows * k // 4) * 4
+    words = first_ids + 2 * rows * k
+
+    def allocate() -> tuple:
+        buffer = torch.empty(words, dtype=torch.float32, device=device)
+        return (
+            buffer.as_strided((rows, experts), (experts, 1), 0),
+            buffer.as_strided((rows, k), (k, 1), first_values),
+            buffer.view(torch.int64).as_strided((rows, k), (k, 1), first_ids // 2),
+        )
+
+    return allocate
 
 
 def _library_call(cuda: bool, x, bias, out, args) -> Callable[[], object]:

@@ -34,12 +34,16 @@ C_SUFFIXES = {".cc", ".cu", ".cuh", ".h"}
 CPU_TESTS = {
     "op/reference.py": ["tests/test_reference_rules.py", "-k", "[reference"],
     "op/testing.py": ["tests/test_checker.py"],
-    "op/csrc/cpu_kernel.cc": [
-        "tests/test_reference_rules.py",
-        "tests/test_cpu_kernel_internals.py",
-        "-k",
-        "cpu_kernel-numpy or test_cpu_kernel_internals",
-    ],
+    **{
+        f"op/csrc/{name}": [
+            "tests/test_reference_rules.py",
+            "tests/test_cpu_kernel_internals.py",
+            "tests/test_cpu_kernel_loops.py",
+            "-k",
+            "cpu_kernel-numpy or test_cpu_kernel_internals or test_cpu_kernel_loops",
+        ]
+        for name in ("cpu_kernel.cc", "cpu_route.h", "cpu_route_portable.h", "cpu_route_avx512.h")
+    },
 }
 GPU_TESTS = {
     "op/csrc/routing.cuh": ["tests/test_reference_rules.py", "-k", "fused or two_kernel"],
@@ -50,9 +54,13 @@ GPU_TESTS = {
     "op/csrc/fused_warp.cuh": ["tests/test_reference_rules.py", "-k", "fused and not fused_block"],
 }
 # The rule tests route a few tokens, which `fused` sends to its block-per-token kernel; the warp kernel's rows
-# run them with that kernel forced.
+# run them with that kernel forced. Likewise the rows of the portable CPU loop and of the pieces it shares with
+# the AVX-512 loop (which uses some of them only past 16 candidates): a processor with AVX-512 takes the other
+# loop.
 TEST_ENV = {
     "op/csrc/fused_warp.cuh": {"FUSEDGATE_LATENCY_MAX_TOKENS": "0", "FUSEDGATE_WARP_MAX_TOKENS": str(2**40)},
+    "op/csrc/cpu_route_portable.h": {"FUSEDGATE_CPU_ISA": "portable"},
+    "op/csrc/cpu_route.h": {"FUSEDGATE_CPU_ISA": "portable"},
 }
 
 

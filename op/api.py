@@ -5,11 +5,12 @@ launches go on the caller framework's current stream, so they are captured by it
 take the C++ CPU kernel (path ``cpu_kernel``).
 
 Each entry point keeps one plan per call signature: the framework and device, shapes and dtypes, and the
-routing arguments with their types (so ``True`` never finds the plan of ``1``). Building a plan validates
-everything that the signature fixes and raises on bad input (errors are never cached); a call that finds its
-plan allocates the outputs and calls the library. What can change under one signature (contiguity, the
-device of the bias, the outputs given through ``out=``) the library checks at its boundary on every call.
-Inside ``torch.compile`` the entry points call the ``torch.library`` custom ops of ``op.torch_ops`` instead.
+routing arguments with the types that decide whether they are valid (so ``True`` never finds the plan of
+``1``). Building a plan validates everything that the signature fixes and raises on bad input (errors are
+never cached); a call that finds its plan allocates the outputs and calls the library, and nothing more: the
+look-up is one tuple and one dictionary subscript. What can change under one signature (contiguity, the device
+of the bias, the outputs given through ``out=``) the library checks at its boundary on every call. Inside
+``torch.compile`` the entry points call the ``torch.library`` custom ops of ``op.torch_ops`` instead.
 """
 
 from __future__ import annotations
@@ -28,26 +29,48 @@ from op.frameworks import adapter_for, framework_of, is_contiguous, is_cuda
 # Plans per signature. Bounded so that a caller cycling through shapes cannot grow it without limit.
 MAX_PLANS = 4096
 _plans: dict[tuple, Callable[..., tuple]] = {}
+# Below this many experts of work (rows x E) a CPU call keeps the GIL: releasing and taking it back costs more
+# than the kernel saves other threads, and the kernel runs on one thread there anyway.
+GIL_RELEASE_MIN_EXPERTS = 1 << 16
 
 
-def _torch_compiling() -> bool:
+def _compiling_before_torch() -> bool:
+    """Whether torch.compile is tracing; rebinds ``_compiling`` to torch's own check once torch is imported, so a
+    steady-state call pays one function call for it."""
     torch = sys.modules.get("torch")
-    return torch is not None and torch.compiler.is_compiling()
+    if torch is None:
+        return False
+    global _compiling
+    _compiling = torch.compiler.is_compiling
+    return _compiling()
 
 
-def _lookup_hashable(key: tuple) -> tuple:
-    """The look-up for a key holding an unhashable shape (Paddle's): the same key with shapes as tuples."""
-    key = tuple(tuple(part) if type(part).__name__ == "Size" else part for part in key)
+_compiling = _compiling_before_torch
+
+
+def _hashable(key: tuple) -> tuple | None:
+    """A key holding an unhashable shape (Paddle's lists) with shapes as tuples; None if still unhashable."""
+    key = tuple(tuple(part) if isinstance(part, list) or type(part).__name__ == "Size" else part for part in key)
     try:
-        return key, _plans.get(key)
+        hash(key)
     except TypeError:
+        return None
+    return key
+
+
+def _find(key: tuple | None) -> tuple[tuple | None, Callable[..., tuple] | None]:
+    """The slow look-up, for keys that failed the fast one: ``(hashable key or None, plan or None)``."""
+    if key is None:
         return None, None
+    key = _hashable(key)
+    return key, None if key is None else _plans.get(key)
 
 
-def _keep(key: tuple, plan: Callable[..., tuple]) -> Callable[..., tuple]:
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
-    _plans[key] = plan
+def _keep(key: tuple | None, plan: Callable[..., tuple]) -> Callable[..., tuple]:
+    if key is not None:
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[key] = plan
     return plan
 
 
@@ -117,7 +140,7 @@ def _specs_topk(rows: int, top_k: int, index_dtype: str) -> list:
     return [((rows, top_k), "float32"), ((rows, top_k), index_dtype)]
 
 
-def _out_checker(adapter, ids_dtype: Any, specs: list) -> Callable[[tuple], tuple]:
+def _out_checker(adapter, ids_dtype: Any, specs: list) -> Callable[[Any], tuple]:
     """Checks ``out`` against the plan. The library checks shapes, float dtypes and devices on every call, but it
     writes int32 or int64 ids alike: the index dtype is compared here, and a mismatch gets the full check."""
     names = ("scores", "topk_values", "topk_indices")
@@ -136,7 +159,8 @@ def _out_checker(adapter, ids_dtype: Any, specs: list) -> Callable[[tuple], tupl
             ):
                 raise ValueError(f"out: {name} must be a {adapter.framework} tensor on the device of gating_output")
 
-    def check(out: tuple) -> tuple:
+    def check(out: Any) -> tuple:
+        out = _take_out(out)
         if out[2].dtype != ids_dtype:
             check_fully(out)
         return out
@@ -168,6 +192,13 @@ def _check_num_threads(num_threads: Any, cuda: bool) -> None:
         )
 
 
+def _cpu_entry(rows: int, experts: int):
+    """The CPU entry point, keeping the GIL for small batches (a separate function object: the flag is its own)."""
+    entry = library().get_function("cpu_grouped_topk")
+    entry.release_gil = rows * experts >= GIL_RELEASE_MIN_EXPERTS
+    return entry
+
+
 def _fused_plan(
     entry, need_cuda, x, bias, n_group, topk_group, top_k, renormalize, scale, index_dtype, scores, nt, num_threads
 ):
@@ -176,20 +207,17 @@ def _fused_plan(
     )
     if num_threads is not None:
         _check_num_threads(num_threads, adapter.cuda)
-    args = _routing_args(n_group, topk_group, top_k, renormalize, scale)
-    specs = _specs_topk(rows, top_k, index_dtype)
-    if scores:
-        specs.insert(0, ((rows, experts), "float32"))
-    allocate = adapter.allocator(specs)
-    check_out = _out_checker(adapter, allocate()[-1].dtype, [((rows, experts), "float32"), *specs[-2:]])
-
-    def split(fresh: tuple) -> tuple:
-        return fresh if scores else (None, *fresh)
+    n_group, topk_group, top_k, renormalize, scale = _routing_args(n_group, topk_group, top_k, renormalize, scale)
+    dense = ((rows, experts), "float32")
+    allocate = adapter.allocator([dense if scores else None, *_specs_topk(rows, top_k, index_dtype)])
+    check_out = _out_checker(adapter, allocate()[-1].dtype, [dense, *_specs_topk(rows, top_k, index_dtype)])
 
     if rows == 0:
 
         def run_empty(x, bias, num_tokens, out):
-            s, v, i = split(allocate()) if out is None else check_out(out)
+            if out is None:
+                return allocate()
+            s, v, i = check_out(out)
             return (s if scores else None), v, i
 
         return run_empty
@@ -198,39 +226,38 @@ def _fused_plan(
         launch = adapter.on_stream(getattr(library(), entry))
 
         def run(x, bias, num_tokens, out):
-            s, v, i = split(allocate()) if out is None else check_out(out)
-            launch(x, bias, s if scores else None, v, i, num_tokens, *args)
-            return (s if scores else None), v, i
+            if out is None:
+                s, v, i = allocate()
+            else:
+                s, v, i = check_out(out)
+                if not scores:
+                    s = None
+            launch(x, bias, s, v, i, num_tokens, n_group, topk_group, top_k, renormalize, scale)
+            return s, v, i
 
         return run
 
-    launch_cpu = library().cpu_grouped_topk
+    launch = _cpu_entry(rows, experts)
     # The C++ kernel's thread count: 0 leaves it to $FUSEDGATE_CPU_THREADS or the process's CPU affinity.
-    args = (*args, 0 if num_threads is None else int(num_threads))
+    threads = 0 if num_threads is None else int(num_threads)
     if adapter.framework == "numpy":
         to_host, bias_to_host = _host_input(x.dtype), _host_input(bias.dtype)
-
-        def launch(x, bias, *rest):
-            return launch_cpu(to_host(x), bias_to_host(bias), *rest)
-
     else:
-        launch = launch_cpu
+        to_host = bias_to_host = None
 
-    if scores:
+    def run_cpu(x, bias, num_tokens, out):
+        if out is None:
+            s, v, i = allocate()
+        else:
+            s, v, i = check_out(out)
+            if not scores:
+                s = None
+        if to_host is not None:
+            x, bias = to_host(x), bias_to_host(bias)
+        launch(x, bias, s, v, i, n_group, topk_group, top_k, renormalize, scale, threads)
+        return s, v, i
 
-        def run_cpu(x, bias, num_tokens, out):
-            s, v, i = allocate() if out is None else check_out(out)
-            launch(x, bias, s, v, i, *args)
-            return s, v, i
-
-        return run_cpu
-
-    def run_cpu_without_scores(x, bias, num_tokens, out):
-        v, i = allocate() if out is None else check_out(out)[1:]
-        launch(x, bias, None, v, i, *args)
-        return None, v, i
-
-    return run_cpu_without_scores
+    return run_cpu
 
 
 def _single_launch(entry: str, need_cuda: bool, name: str):
@@ -249,7 +276,7 @@ def _single_launch(entry: str, need_cuda: bool, name: str):
         out: tuple | None = None,
         num_threads: int | None = None,
     ) -> tuple:
-        if _torch_compiling():
+        if _compiling():
             from op.torch_ops import compiled_call
 
             if num_threads is not None:
@@ -259,48 +286,31 @@ def _single_launch(entry: str, need_cuda: bool, name: str):
                 name, gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
                 routed_scaling_factor, index_dtype, return_scores, num_tokens, out,
             )  # fmt: skip
+        # renormalize and return_scores are taken by truth value, so their types need no place in the key; a bool
+        # or a float in place of an int (or a bool for the scale) is refused, so those types do.
+        key = None
         try:
             key = (
-                entry,
-                type(gating_output),
-                gating_output.shape,
-                gating_output.dtype,
-                gating_output.device,
-                type(e_score_correction_bias),
-                e_score_correction_bias.shape,
-                e_score_correction_bias.dtype,
-                n_group,
-                type(n_group),
-                topk_group,
-                type(topk_group),
-                top_k,
-                type(top_k),
-                renormalize,
-                type(renormalize),
-                routed_scaling_factor,
-                type(routed_scaling_factor),
-                index_dtype,
-                return_scores,
-                type(return_scores),
-                num_tokens is None,
-                num_threads,
-                type(num_threads),
-            )
-        except AttributeError:
-            key = None  # not a tensor: building the plan names the argument
-        try:
-            plan = _plans.get(key)
-        except TypeError:
-            key, plan = _lookup_hashable(key)
-        if out is not None:
-            out = _take_out(out)
-        if plan is None:
-            plan = _fused_plan(
-                entry, need_cuda, gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
-                routed_scaling_factor, index_dtype, bool(return_scores), num_tokens, num_threads,
+                entry, type(gating_output), gating_output.shape, gating_output.dtype, gating_output.device,
+                type(e_score_correction_bias), e_score_correction_bias.shape, e_score_correction_bias.dtype,
+                n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype, return_scores,
+                num_tokens is None, num_threads,
+                type(n_group), type(topk_group), type(top_k), type(routed_scaling_factor), type(num_threads),
             )  # fmt: skip
-            if key is not None:
-                _keep(key, plan)
+            plan = _plans[key]
+        except KeyError:
+            plan = None
+        except (AttributeError, TypeError):
+            # Not a tensor (building the plan names the argument), or an unhashable shape.
+            key, plan = _find(key)
+        if plan is None:
+            plan = _keep(
+                key,
+                _fused_plan(
+                    entry, need_cuda, gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
+                    routed_scaling_factor, index_dtype, bool(return_scores), num_tokens, num_threads,
+                ),
+            )  # fmt: skip
         return plan(gating_output, e_score_correction_bias, num_tokens, out)
 
     run.__name__ = run.__qualname__ = name
@@ -323,7 +333,8 @@ fused_block_grouped_topk.__doc__ = "Path ``fused_block``: the published one-bloc
 
 def _cast_plan(x, bias, num_tokens):
     adapter, rows, experts = _check_common(x, bias, 1, 1, 1, 1.0, "int64", num_tokens, True, "cast_sigmoid_bias")
-    allocate = adapter.allocator([((rows, experts), "float32"), ((rows, experts), "float32")])
+    dense = ((rows, experts), "float32")
+    allocate = adapter.allocator([dense, dense])
     if rows == 0:
         return lambda x, bias, num_tokens: allocate()
     launch = adapter.on_stream(library().cast_sigmoid_bias)
@@ -338,32 +349,24 @@ def _cast_plan(x, bias, num_tokens):
 
 def cast_sigmoid_bias(gating_output: Any, e_score_correction_bias: Any, *, num_tokens: Any = None) -> tuple:
     """Kernel 1 of the two-kernel path: ``(scores, scores_with_bias)``, both float32 ``[T, E]``."""
-    if _torch_compiling():
+    if _compiling():
         from op.torch_ops import compiled_cast_sigmoid_bias
 
         return compiled_cast_sigmoid_bias(gating_output, e_score_correction_bias, num_tokens)
+    key = None
     try:
         key = (
-            "cast_sigmoid_bias",
-            type(gating_output),
-            gating_output.shape,
-            gating_output.dtype,
-            gating_output.device,
-            type(e_score_correction_bias),
-            e_score_correction_bias.shape,
-            e_score_correction_bias.dtype,
+            "cast_sigmoid_bias", type(gating_output), gating_output.shape, gating_output.dtype, gating_output.device,
+            type(e_score_correction_bias), e_score_correction_bias.shape, e_score_correction_bias.dtype,
             num_tokens is None,
-        )
-    except AttributeError:
-        key = None  # not a tensor: building the plan names the argument
-    try:
-        plan = _plans.get(key)
-    except TypeError:
-        key, plan = _lookup_hashable(key)
+        )  # fmt: skip
+        plan = _plans[key]
+    except KeyError:
+        plan = None
+    except (AttributeError, TypeError):
+        key, plan = _find(key)
     if plan is None:
-        plan = _cast_plan(gating_output, e_score_correction_bias, num_tokens)
-        if key is not None:
-            _keep(key, plan)
+        plan = _keep(key, _cast_plan(gating_output, e_score_correction_bias, num_tokens))
     return plan(gating_output, e_score_correction_bias, num_tokens)
 
 
@@ -377,15 +380,15 @@ def _noaux_plan(scores, biased, n_group, topk_group, top_k, renormalize, scale, 
         scores, biased, n_group, topk_group, top_k, scale, index_dtype, num_tokens, True, "noaux_tc",
         bias_shape=tuple(scores.shape[-1:]), logits_name="scores", bias_name="scores_with_bias",
     )  # fmt: skip
-    allocate = adapter.allocator([((rows, top_k), "float32"), ((rows, top_k), index_dtype)])
-    args = _routing_args(n_group, topk_group, top_k, renormalize, scale)
+    allocate = adapter.allocator(_specs_topk(rows, top_k, index_dtype))
+    n_group, topk_group, top_k, renormalize, scale = _routing_args(n_group, topk_group, top_k, renormalize, scale)
     if rows == 0:
         return lambda scores, biased, num_tokens: (scores, *allocate())
     launch = adapter.on_stream(library().noaux_tc)
 
     def run(scores, biased, num_tokens):
         values, ids = allocate()
-        launch(scores, biased, values, ids, num_tokens, *args)
+        launch(scores, biased, values, ids, num_tokens, n_group, topk_group, top_k, renormalize, scale)
         return scores, values, ids
 
     return run
@@ -405,49 +408,34 @@ def noaux_tc(
 ) -> tuple:
     """Kernel 2 of the two-kernel path: routes from float32 ``scores``/``scores_with_bias`` and rewrites
     ``scores`` in place as the sparse weights. Returns ``(scores, topk_values, topk_indices)``."""
-    if _torch_compiling():
+    if _compiling():
         from op.torch_ops import compiled_noaux_tc
 
         return compiled_noaux_tc(
             scores, scores_with_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype,
             num_tokens,
         )  # fmt: skip
+    key = None
     try:
         key = (
-            "noaux_tc",
-            type(scores),
-            scores.shape,
-            scores.dtype,
-            scores.device,
-            type(scores_with_bias),
-            scores_with_bias.shape,
-            scores_with_bias.dtype,
-            n_group,
-            type(n_group),
-            topk_group,
-            type(topk_group),
-            top_k,
-            type(top_k),
-            renormalize,
-            type(renormalize),
-            routed_scaling_factor,
-            type(routed_scaling_factor),
-            index_dtype,
-            num_tokens is None,
-        )
-    except AttributeError:
-        key = None  # not a tensor: building the plan names the argument
-    try:
-        plan = _plans.get(key)
-    except TypeError:
-        key, plan = _lookup_hashable(key)
-    if plan is None:
-        plan = _noaux_plan(
-            scores, scores_with_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype,
-            num_tokens,
+            "noaux_tc", type(scores), scores.shape, scores.dtype, scores.device,
+            type(scores_with_bias), scores_with_bias.shape, scores_with_bias.dtype,
+            n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype, num_tokens is None,
+            type(n_group), type(topk_group), type(top_k), type(routed_scaling_factor),
         )  # fmt: skip
-        if key is not None:
-            _keep(key, plan)
+        plan = _plans[key]
+    except KeyError:
+        plan = None
+    except (AttributeError, TypeError):
+        key, plan = _find(key)
+    if plan is None:
+        plan = _keep(
+            key,
+            _noaux_plan(
+                scores, scores_with_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype,
+                num_tokens,
+            ),
+        )  # fmt: skip
     return plan(scores, scores_with_bias, num_tokens)
 
 
@@ -455,11 +443,13 @@ def _two_kernel_plan(x, bias, n_group, topk_group, top_k, renormalize, scale, in
     adapter, rows, experts = _check_common(
         x, bias, n_group, topk_group, top_k, scale, index_dtype, num_tokens, True, "two_kernel"
     )
-    args = _routing_args(n_group, topk_group, top_k, renormalize, scale)
+    n_group, topk_group, top_k, renormalize, scale = _routing_args(n_group, topk_group, top_k, renormalize, scale)
     dense = ((rows, experts), "float32")
-    allocate_all = adapter.allocator([dense, dense, ((rows, top_k), "float32"), ((rows, top_k), index_dtype)])
+    topk = _specs_topk(rows, top_k, index_dtype)
+    # The biased scores are scratch the caller never sees, allocated with the outputs.
+    allocate_all = adapter.allocator([dense, dense, *topk])
     allocate_dense = adapter.allocator([dense, dense])
-    check_out = _out_checker(adapter, allocate_all()[-1].dtype, [dense, *_specs_topk(rows, top_k, index_dtype)])
+    check_out = _out_checker(adapter, allocate_all()[-1].dtype, [dense, *topk])
     cast = adapter.on_stream(library().cast_sigmoid_bias)
     route = adapter.on_stream(library().noaux_tc)
 
@@ -467,13 +457,13 @@ def _two_kernel_plan(x, bias, n_group, topk_group, top_k, renormalize, scale, in
         if out is None:
             scores, biased, values, ids = allocate_all()
         else:
-            scores, biased = allocate_dense()
-            values, ids = check_out(out)[1:]
-            if out[0] is not None:
-                scores = out[0]
+            scores, values, ids = check_out(out)
+            fresh, biased = allocate_dense()
+            if scores is None:
+                scores = fresh
         if rows:
             cast(x, bias, scores, biased, num_tokens)
-            route(scores, biased, values, ids, num_tokens, *args)
+            route(scores, biased, values, ids, num_tokens, n_group, topk_group, top_k, renormalize, scale)
         return (scores if return_scores else None), values, ids
 
     return run
@@ -494,51 +484,33 @@ def two_kernel_grouped_topk(
     out: tuple | None = None,
 ) -> tuple:
     """Path ``two_kernel``: ``cast_sigmoid_bias`` then ``noaux_tc``, as production engines run it."""
-    if _torch_compiling():
+    if _compiling():
         from op.torch_ops import compiled_call
 
         return compiled_call(
             "two_kernel_grouped_topk", gating_output, e_score_correction_bias, n_group, topk_group, top_k,
             renormalize, routed_scaling_factor, index_dtype, return_scores, num_tokens, out,
         )  # fmt: skip
+    key = None
     try:
         key = (
-            "two_kernel",
-            type(gating_output),
-            gating_output.shape,
-            gating_output.dtype,
-            gating_output.device,
-            type(e_score_correction_bias),
-            e_score_correction_bias.shape,
-            e_score_correction_bias.dtype,
-            n_group,
-            type(n_group),
-            topk_group,
-            type(topk_group),
-            top_k,
-            type(top_k),
-            renormalize,
-            type(renormalize),
-            routed_scaling_factor,
-            type(routed_scaling_factor),
-            index_dtype,
-            return_scores,
-            type(return_scores),
+            "two_kernel", type(gating_output), gating_output.shape, gating_output.dtype, gating_output.device,
+            type(e_score_correction_bias), e_score_correction_bias.shape, e_score_correction_bias.dtype,
+            n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype, return_scores,
             num_tokens is None,
-        )
-    except AttributeError:
-        key = None  # not a tensor: building the plan names the argument
-    try:
-        plan = _plans.get(key)
-    except TypeError:
-        key, plan = _lookup_hashable(key)
-    if out is not None:
-        out = _take_out(out)
-    if plan is None:
-        plan = _two_kernel_plan(
-            gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor,
-            index_dtype, bool(return_scores), num_tokens,
+            type(n_group), type(topk_group), type(top_k), type(routed_scaling_factor),
         )  # fmt: skip
-        if key is not None:
-            _keep(key, plan)
+        plan = _plans[key]
+    except KeyError:
+        plan = None
+    except (AttributeError, TypeError):
+        key, plan = _find(key)
+    if plan is None:
+        plan = _keep(
+            key,
+            _two_kernel_plan(
+                gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
+                routed_scaling_factor, index_dtype, bool(return_scores), num_tokens,
+            ),
+        )  # fmt: skip
     return plan(gating_output, e_score_correction_bias, num_tokens, out)

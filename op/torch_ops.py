@@ -42,15 +42,11 @@ def _routing_op(name: str, eager: Any):
         return_scores: bool,
         num_tokens: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        # A custom op's outputs may not alias each other, and the eager front-end cuts its outputs from one
-        # allocation: here they are allocated apart and handed over through out=.
-        scores, values, ids = _outputs_like(gating_output, top_k, index_dtype, return_scores)
-        eager(
+        scores, values, ids = eager(
             gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor,
             index_dtype=index_dtype, return_scores=return_scores, num_tokens=num_tokens,
-            out=(scores if return_scores else None, values, ids),
         )  # fmt: skip
-        return scores, values, ids
+        return (gating_output.new_empty((0, 0), dtype=torch.float32) if scores is None else scores), values, ids
 
     custom = torch.library.custom_op(f"fusedgate::{name}", real, mutates_args=())
 
@@ -77,9 +73,7 @@ _ROUTING_OPS = {
 def _cast_sigmoid_bias(
     gating_output: Tensor, e_score_correction_bias: Tensor, num_tokens: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    scores, biased = api.cast_sigmoid_bias(gating_output, e_score_correction_bias, num_tokens=num_tokens)
-    # The eager outputs share one allocation, which a custom op's outputs may not.
-    return scores, biased.clone()
+    return api.cast_sigmoid_bias(gating_output, e_score_correction_bias, num_tokens=num_tokens)
 
 
 @_cast_sigmoid_bias.register_fake
@@ -107,8 +101,7 @@ def _noaux_tc(
         scores, scores_with_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor,
         index_dtype=index_dtype, num_tokens=num_tokens,
     )  # fmt: skip
-    # The eager outputs share one allocation, which a custom op's outputs may not.
-    return values, ids.clone()
+    return values, ids
 
 
 @_noaux_tc.register_fake

@@ -1,10 +1,14 @@
-"""The C++ CPU kernel's own machinery: rows split over threads, the thread count's sources, the selection widths it
-switches between, and its float decoding and sigmoid at the edges. Inputs are hand-built (answers known exactly)
-or drawn from ``generate_input`` with the run's recorded seed."""
+"""The C++ CPU kernel's own machinery, on both of its per-token loops (the processor's own and the portable one):
+rows split over threads, the thread count's sources, the selection widths it switches between, and its float
+decoding and sigmoid at the edges. Inputs are hand-built (answers known exactly) or drawn from ``generate_input``
+with the run's recorded seed."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +20,15 @@ from op.configs import ALL_CONFIGS
 from op.testing import WEIGHT_RTOL, assert_routing_close
 
 THREADS_ENV = "FUSEDGATE_CPU_THREADS"
+ISA_ENV = "FUSEDGATE_CPU_ISA"
+
+
+@pytest.fixture(autouse=True, params=["native", "portable"])
+def isa(request, monkeypatch):
+    """Every test here runs on the processor's own loop and on the portable one."""
+    if request.param == "portable":
+        monkeypatch.setenv(ISA_ENV, "portable")
+    return request.param
 
 
 @pytest.fixture
@@ -53,13 +66,48 @@ def test_every_thread_count_gives_the_same_bits(name, num_tokens, seed, threads_
 def test_rows_are_split_over_the_threads_asked_for(threads_env):
     count = library().cpu_thread_count
     assert count(4096, 256, 3) == 3
-    assert count(4096, 256, 0) == min(len(os.sched_getaffinity(0)), 4), "4 threads' worth of work at most"
+    assert count(1024, 256, 0) == min(len(os.sched_getaffinity(0)), 4), "4 threads' worth of work at most"
     threads_env("3")
     assert count(4096, 256, 0) == 3
     assert count(4096, 256, 2) == 2, "the keyword wins over the environment"
     assert count(1, 256, 3) == 1, "one token never starts a thread"
-    assert count(1024, 256, 3) == 1, "1024 tokens are too little work to split"
-    assert count(4096, 128, 3) == 2, "4096 tokens of 128 experts are worth two threads"
+    assert count(256, 256, 3) == 1, "256 tokens are too little work to split"
+    assert count(1024, 128, 3) == 2, "1024 tokens of 128 experts are worth two threads"
+
+
+def test_calls_from_several_threads_at_once_give_one_thread_s_bits(seed):
+    """One call holds the pool of worker threads; the others start threads of their own. The callers are daemon
+    threads with a deadline, so a pool that two calls share fails here instead of hanging the run."""
+    config = ALL_CONFIGS["kimi_k2"]
+    inputs = [generate_input(config, 3000, "float32", seed + i) for i in range(6)]
+    expected = [grouped_topk(x, bias, *config.args(), num_threads=1) for x, bias in inputs]
+    results: dict[int, tuple] = {}
+
+    def call(i: int) -> None:
+        for _ in range(3):
+            results[i] = grouped_topk(*inputs[i], *config.args(), num_threads=2)
+
+    callers = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(inputs))]
+    for caller in callers:
+        caller.start()
+    deadline = time.monotonic() + 30
+    for caller in callers:
+        caller.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(caller.is_alive() for caller in callers), "a call never returned"
+    for i, want in enumerate(expected):
+        assert all(np.array_equal(g, w) for g, w in zip(results[i], want, strict=True))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_routes_on_threads_of_its_own(seed):
+    """The parent's pool threads do not exist in a child: the child must start its own, not wait for them."""
+    config = ALL_CONFIGS["deepseek_v3"]
+    x, bias = generate_input(config, 4096, "float32", seed)
+    expected = grouped_topk(x, bias, *config.args(), num_threads=2)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as child:
+        got = child.apply_async(grouped_topk, (x, bias, *config.args()), {"num_threads": 2}).get(timeout=60)
+    assert all(np.array_equal(g, w) for g, w in zip(got, expected, strict=True))
 
 
 def test_environment_variable_reaches_a_call(threads_env, seed):
@@ -131,6 +179,15 @@ def test_infinite_bias_makes_an_expert_invalid():
     bias = np.array([np.inf, 0.0, -np.inf, 0.1], np.float32)
     _, _, ids = grouped_topk(x, bias, 1, 1, 2, True, 1.0)
     assert ids[0].tolist() == [3, 1]
+
+
+def test_an_infinite_bias_is_invalid_where_groups_are_scored():
+    # Four groups of four tie at 1.0 (0.5 + 0.5); the infinite bias must neither raise group 0 nor be chosen.
+    x = np.zeros((1, 16), np.float32)
+    bias = np.zeros(16, np.float32)
+    bias[0] = np.inf
+    _, _, ids = grouped_topk(x, bias, 4, 2, 2, True, 1.0)
+    assert ids[0].tolist() == [1, 2]
 
 
 def test_sigmoid_holds_the_standard_where_exp_saturates_and_overflows():

@@ -1,4 +1,5 @@
-"""The eager front-end on the CPU: per-signature plans, argument types, output layout, DLPack byte offsets."""
+"""The eager front-end on the CPU: per-signature plans, argument types, the outputs' allocation, DLPack byte
+offsets."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from harness.inputs import generate_input
 from op import api, grouped_topk, noaux_tc
 from op.build import library
 from op.configs import PRESETS
-from op.frameworks import torch_one_buffer
+from op.frameworks import adapter_for
 
 torch = pytest.importorskip("torch")
 
@@ -29,11 +30,15 @@ def assert_same(actual, expected):
 
 def test_true_never_finds_the_plan_of_one(seed):
     x, bias = generate_input(KIMI, 4, "float32", seed)
-    grouped_topk(x, bias, 1, 1, 8, True, 2.827)
+    grouped_topk(x, bias, 1, 1, 8, True, 1.0, num_threads=1)
     with pytest.raises(ValueError, match="n_group must be an int"):
-        grouped_topk(x, bias, True, 1, 8, True, 2.827)
+        grouped_topk(x, bias, True, 1, 8, True, 1.0, num_threads=1)
     with pytest.raises(ValueError, match="top_k must be an int"):
-        grouped_topk(x, bias, 1, 1, 8.0, True, 2.827)
+        grouped_topk(x, bias, 1, 1, 8.0, True, 1.0, num_threads=1)
+    with pytest.raises(ValueError, match="routed_scaling_factor must be a real number"):
+        grouped_topk(x, bias, 1, 1, 8, True, True, num_threads=1)
+    with pytest.raises(ValueError, match="num_threads=True is invalid"):
+        grouped_topk(x, bias, 1, 1, 8, True, 1.0, num_threads=True)
 
 
 def test_errors_are_never_cached(seed):
@@ -97,9 +102,10 @@ def test_noaux_tc_errors_name_its_own_arguments(make, needle):
 
 @pytest.mark.parametrize("index_dtype", ["int64", "int32"])
 @pytest.mark.parametrize(("rows", "experts", "top_k"), [(1, 256, 8), (3, 72, 8), (5, 160, 6), (0, 256, 8)])
-def test_one_buffer_outputs_are_aligned_disjoint_and_routable(rows, experts, top_k, index_dtype):
+def test_fresh_outputs_are_aligned_disjoint_and_routable(rows, experts, top_k, index_dtype):
     specs = [((rows, experts), "float32"), ((rows, top_k), "float32"), ((rows, top_k), index_dtype)]
-    pieces = torch_one_buffer(torch, torch.device("cpu"), specs)()
+    allocate = adapter_for(torch.zeros(1)).allocator(specs)
+    pieces = allocate()
     spans = []
     for tensor, (shape, dtype) in zip(pieces, specs, strict=True):
         assert tuple(tensor.shape) == shape and tensor.dtype == getattr(torch, dtype) and tensor.is_contiguous()
@@ -107,6 +113,7 @@ def test_one_buffer_outputs_are_aligned_disjoint_and_routable(rows, experts, top
         spans.append((tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()))
     spans.sort()
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
+    assert all(a.data_ptr() != b.data_ptr() or not a.numel() for a, b in zip(pieces, allocate(), strict=True))
     if rows:
         args = (1, 1, top_k, True, 1.0)
         x = np.random.default_rng(rows).standard_normal((rows, experts)).astype(np.float32)
@@ -114,6 +121,11 @@ def test_one_buffer_outputs_are_aligned_disjoint_and_routable(rows, experts, top
         expected = grouped_topk(x, bias, *args, index_dtype=index_dtype)
         into = grouped_topk(torch.from_numpy(x), torch.from_numpy(bias), *args, index_dtype=index_dtype, out=pieces)
         assert_same(into, expected)
+
+
+def test_a_none_spec_gives_none():
+    scores, values, ids = adapter_for(torch.zeros(1)).allocator([None, ((2, 8), "float32"), ((2, 8), "int64")])()
+    assert scores is None and values.shape == (2, 8) and ids.dtype == torch.int64
 
 
 class _DLDevice(ctypes.Structure):

@@ -43,6 +43,9 @@ class RecordingBackend:
         if self.run_graphs:
             graph()
 
+    def replayer(self, graph):
+        return lambda: self.replay(graph)
+
     def synchronize(self):
         pass
 
@@ -55,6 +58,9 @@ class RecordingBackend:
     def copy(self, dst, src):
         self.copies.append(dst.data_ptr())
         dst.copy_(src)
+
+    def copier(self, dst):
+        return lambda src: self.copy(dst, src)
 
 
 @pytest.fixture

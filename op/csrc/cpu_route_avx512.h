@@ -1,0 +1,379 @@
+// Path `cpu_kernel`'s per-token loop for processors with AVX-512 (F, BW, DQ, VL), chosen at run time. It gives
+// the bits of the portable loop (cpu_route_portable.h): every s and b it outputs or ranks by is computed by the
+// same operations in the same order, and the selection is exact.
+//
+// Without group scoring a token is routed in two passes over its experts. The first computes an approximate key
+// for every expert, within `delta` of its exact b (a cubic for 2^f and a 14-bit reciprocal), and the lane maxima
+// of those keys; the top_k-th largest lane maximum bounds the top_k-th exact key from below, to within delta. The
+// second keeps the experts whose approximate key comes within 2 delta of that bound (about 10 of 384 for random
+// logits), and only those get the exact sigmoid. With group scoring every expert needs its exact key (a group's
+// score is the sum of two of them), so the first pass is exact and the second keeps the kept groups' experts at
+// or above the bound.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FUSEDGATE_HAVE_AVX512 1
+
+#include <immintrin.h>
+
+#include "cpu_route.h"
+
+#define FUSEDGATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi,bmi2")))
+
+namespace fusedgate {
+namespace cpu {
+namespace avx512 {
+
+// Error of the approximate sigmoid: the cubic's 7.6e-5 relative (a quarter of it reaches s), the reciprocal's
+// 2^-14 and the roundings, 8.2e-5 at most and 4.4e-5 seen, with a margin of three.
+constexpr float kApproxError = 0x1p-12f;
+
+inline bool supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+// The bias the approximate keys add (-inf where it is not finite, so such experts never pass), and the
+// approximate keys' distance from the exact ones: the sigmoid's error, and the rounding of a sum as large as
+// 1 + |bias| (an ulp of it, twice over, with a margin of two).
+inline float prepare_filter(const float* bias, int experts, float* filter_bias) {
+  float largest = 0.0f;
+  for (int e = 0; e < experts; ++e) {
+    const bool finite = std::fabs(bias[e]) <= kMaxFinite;
+    filter_bias[e] = finite ? bias[e] : -kInf;
+    largest = finite ? max_f(largest, std::fabs(bias[e])) : largest;
+  }
+  return kApproxError + (1.0f + largest) * 0x1p-21f;
+}
+
+// Lanes [0, n) of a 16-expert chunk.
+FUSEDGATE_AVX512 inline __mmask16 first_lanes(int n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// sigmoid() of cpu_route.h on 16 lanes: the same operations in the same order. roundscale gives the n that the
+// magic-number rounding gives, and scalef(p, n) the product p * 2^(n-1) * 2 (exact, or +inf past FLT_MAX).
+FUSEDGATE_AVX512 inline __m512 sigmoid16(__m512 x) {
+  using namespace sigmoid_constants;
+  __m512 a = _mm512_sub_ps(_mm512_setzero_ps(), x);
+  // max/min return their second operand where either is NaN: NaN passes through, as in the scalar selects.
+  a = _mm512_max_ps(_mm512_set1_ps(kExpMinArg), a);
+  a = _mm512_min_ps(_mm512_set1_ps(kExpMaxArg), a);
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(a, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Hi)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Lo)));
+  const __m512 z = _mm512_mul_ps(r, r);
+  __m512 p = _mm512_set1_ps(kP0);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kP1));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kP2));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kP3));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kP4));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kP5));
+  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, z), r), _mm512_set1_ps(1.0f));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, _mm512_scalef_ps(p, n)));
+}
+
+// routing_key() on 16 lanes.
+FUSEDGATE_AVX512 inline __m512 routing_key16(__m512 b) {
+  const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(b), _mm512_set1_ps(kMaxFinite), _CMP_LE_OQ);
+  return _mm512_mask_blend_ps(finite, _mm512_set1_ps(-kInf), b);
+}
+
+// s within kApproxError of the exact sigmoid (4.4e-5 at most over every float input, checked exhaustively), NaN
+// for NaN. Logits are clamped to [-30, 30], which moves s by less than 1e-13; exp(-x) = 2^y is p(f) * 2^floor(y)
+// with f = y - floor(y) and p a cubic fitted to 2^f (scalef floors its exponent itself).
+FUSEDGATE_AVX512 inline __m512 approx_sigmoid16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-30.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(30.0f), x);
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f));
+  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(0.07802805304527283f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.22607068717479706f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.6958274841308594f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.9999262094497681f));
+  return _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, y)));
+}
+
+// The top_k-th largest of the 16 or 32 lanes of `m` (-inf lanes hold no valid key): the smallest of the lanes
+// with fewer than top_k lanes above them. Clamped to -FLT_MAX, so that it never admits an invalid key.
+template <int V>
+FUSEDGATE_AVX512 inline float kth_largest(const __m512* m, int top_k) {
+  // Lanes are broadcast within registers: scalar loads of a vector just stored would wait for the store.
+  __m512i above[V];
+  for (int v = 0; v < V; ++v) above[v] = _mm512_setzero_si512();
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int b = 0; b < 16 * V; ++b) {
+    const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(b % 16), m[b / 16]);
+    for (int v = 0; v < V; ++v)
+      above[v] = _mm512_mask_add_epi32(above[v], _mm512_cmp_ps_mask(rival, m[v], _CMP_GT_OQ), above[v], one);
+  }
+  __m512 bound = _mm512_set1_ps(kInf);
+  for (int v = 0; v < V; ++v) {
+    const __mmask16 within = _mm512_cmplt_epi32_mask(above[v], _mm512_set1_epi32(top_k));
+    bound = _mm512_mask_min_ps(bound, within, bound, m[v]);
+  }
+  return max_f(_mm512_reduce_min_ps(bound), -kMaxFinite);
+}
+
+// Appends the positions [base, base + 16) whose lane is set in `take` to `pos` with a full vector store (pos
+// holds 16 slots of room past any count); returns the new count.
+FUSEDGATE_AVX512 inline int append_positions(int* pos, int count, int base, __mmask16 take) {
+  const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(base),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  _mm512_storeu_si512(pos + count, _mm512_maskz_compress_epi32(take, lanes));
+  return count + _mm_popcnt_u32(take);
+}
+
+// A range of experts a token chooses from: the whole row, or one kept group.
+struct Segment {
+  int first, size;
+};
+
+// Lane maxima of `key` over the segments, V vectors of 16 lanes taking chunks in turn, each lane a distinct
+// expert.
+template <int V>
+FUSEDGATE_AVX512 inline void lane_maxima(const float* key, const Segment* segments, int n_segments, __m512* m) {
+  for (int v = 0; v < V; ++v) m[v] = _mm512_set1_ps(-kInf);
+  int v = 0;
+  for (int k = 0; k < n_segments; ++k) {
+    for (int i = 0; i < segments[k].size; i += 16) {
+      const __mmask16 lanes = first_lanes(segments[k].size - i);
+      // Masked-off lanes and NaN keys (max returns its second operand) leave the maximum as it was.
+      m[v] = _mm512_mask_max_ps(m[v], lanes, _mm512_maskz_loadu_ps(lanes, key + segments[k].first + i), m[v]);
+      v = v + 1 == V ? 0 : v + 1;
+    }
+  }
+}
+
+// The positions of the segments' keys at or above `margin` below the top_k-th largest of the lane maxima `m`.
+// Returns their count.
+template <int V>
+FUSEDGATE_AVX512 inline int candidates(const float* key, const Segment* segments, int n_segments, const __m512* m,
+                                       int top_k, float margin, int* pos) {
+  const __m512 threshold = _mm512_set1_ps(max_f(kth_largest<V>(m, top_k) - margin, -kMaxFinite));
+  int count = 0;
+  for (int k = 0; k < n_segments; ++k) {
+    for (int i = 0; i < segments[k].size; i += 16) {
+      const int base = segments[k].first + i;
+      const __mmask16 lanes = first_lanes(segments[k].size - i);
+      const __mmask16 take =
+          _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, key + base), threshold, _CMP_GE_OQ);
+      count = append_positions(pos, count, base, take);
+    }
+  }
+  return count;
+}
+
+// Rules 4-6 for token t from at most 16 candidates, all in registers: their positions `pos`, exact keys `keys`
+// (-inf past `count`) and sigmoids `s`. Each lane's rank grows in one step per rival (a higher key, or an equal
+// one at a lower index); the inverse of the ranks then orders positions and sigmoids, and the weights follow with
+// the same operations, in the same order, as write_outputs().
+FUSEDGATE_AVX512 inline void finish16(const Routing& p, const Buffers& io, int64_t t, __m512i pos, __m512 keys,
+                                      __m512 s, int count) {
+  const int K = p.top_k;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i rank = _mm512_setzero_si512();
+  for (int d = 0; d < count; ++d) {
+    const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(d), keys);
+    const __mmask16 later = static_cast<__mmask16>(0xfffeu << d);
+    const __mmask16 beaten =
+        _mm512_cmp_ps_mask(rival, keys, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, rival, keys, _CMP_EQ_OQ);
+    rank = _mm512_mask_add_epi32(rank, beaten, rank, one);
+  }
+  // order[r] = the candidate of rank r.
+  __m512i order = _mm512_setzero_si512();
+  for (int a = 0; a < count; ++a) {
+    const __mmask16 slot = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(_mm512_set1_epi32(a), rank), iota);
+    order = _mm512_mask_mov_epi32(order, slot, _mm512_set1_epi32(a));
+  }
+  const __m512i ids = _mm512_permutexvar_epi32(order, pos);
+  const __m512 chosen_s = _mm512_permutexvar_ps(order, s);
+  // Rule 5, the sum in output order: lane 0 adds the weights one by one.
+  __m512 sum = chosen_s;
+  for (int r = 1; r < K; ++r) sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(_mm512_set1_epi32(r), chosen_s));
+  const __m512 denom = _mm512_permutexvar_ps(_mm512_setzero_si512(), _mm512_add_ps(sum, _mm512_set1_ps(1e-20f)));
+  const __m512 w = _mm512_mul_ps(p.renormalize ? _mm512_div_ps(chosen_s, denom) : chosen_s, _mm512_set1_ps(p.scale));
+  const __mmask16 outputs = first_lanes(K);
+  _mm512_mask_storeu_ps(io.values + t * K, outputs, w);
+  if (io.index64) {
+    int64_t* out_i = static_cast<int64_t*>(io.indices) + t * K;
+    _mm512_mask_storeu_epi64(out_i, static_cast<__mmask8>(outputs), _mm512_cvtepi32_epi64(_mm512_castsi512_si256(ids)));
+    if (K > 8)
+      _mm512_mask_storeu_epi64(out_i + 8, static_cast<__mmask8>(outputs >> 8),
+                               _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(ids, 1)));
+  } else {
+    _mm512_mask_storeu_epi32(static_cast<int32_t*>(io.indices) + t * K, outputs, ids);
+  }
+  if (io.scores != nullptr) {
+    // Rule 6.
+    float* row = io.scores + t * p.experts;
+    for (int e = 0; e < p.experts; e += 16) _mm512_mask_storeu_ps(row + e, first_lanes(p.experts - e), _mm512_setzero_ps());
+    _mm512_mask_i32scatter_ps(row, outputs, ids, w, 4);
+  }
+}
+
+// Merges two top-two summaries of disjoint expert sets, lane by lane: (a1, b1) and (a2, b2) with a >= b.
+FUSEDGATE_AVX512 inline void merge_top2(__m512& a1, __m512& b1, __m512 a2, __m512 b2) {
+  const __m512 high = _mm512_max_ps(a1, a2);
+  b1 = _mm512_max_ps(_mm512_min_ps(a1, a2), _mm512_max_ps(b1, b2));
+  a1 = high;
+}
+
+// Rule 3's group scores for up to 8 groups starting at group g0: each group's chunks fold into a per-lane top two,
+// then a tree of merges halves the lanes per group while doubling the groups per vector, until each group's
+// summary sits in two lanes of one vector.
+FUSEDGATE_AVX512 inline void score_eight_groups(const float* key, int g0, int groups, int epg, float* scores) {
+  __m512 a[8], b[8];
+  for (int g = 0; g < 8; ++g) {
+    a[g] = b[g] = _mm512_set1_ps(-kInf);
+    if (g >= groups) continue;
+    const float* group = key + (g0 + g) * epg;
+    for (int i = 0; i < epg; i += 16) {
+      const __mmask16 lanes = first_lanes(epg - i);
+      merge_top2(a[g], b[g], _mm512_mask_loadu_ps(_mm512_set1_ps(-kInf), lanes, group + i), _mm512_set1_ps(-kInf));
+    }
+  }
+  // 16 lanes a group -> 8: the low halves of groups 2j, 2j+1 against their high halves.
+  for (int j = 0; j < 4; ++j) {
+    __m512 lo_a = _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44), hi_a = _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xee);
+    __m512 lo_b = _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0x44), hi_b = _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0xee);
+    merge_top2(lo_a, lo_b, hi_a, hi_b);
+    a[j] = lo_a;
+    b[j] = lo_b;
+  }
+  // 8 -> 4: quarters 0 and 2 against 1 and 3, four groups a vector.
+  for (int j = 0; j < 2; ++j) {
+    __m512 x_a = _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x88), y_a = _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xdd);
+    __m512 x_b = _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0x88), y_b = _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0xdd);
+    merge_top2(x_a, x_b, y_a, y_b);
+    a[j] = x_a;
+    b[j] = x_b;
+  }
+  // 4 -> 2, within each quarter: lanes 0-1 against 2-3, groups q (from a[0]) and q + 4 (from a[1]).
+  __m512 x_a = _mm512_shuffle_ps(a[0], a[1], 0x44), y_a = _mm512_shuffle_ps(a[0], a[1], 0xee);
+  __m512 x_b = _mm512_shuffle_ps(b[0], b[1], 0x44), y_b = _mm512_shuffle_ps(b[0], b[1], 0xee);
+  merge_top2(x_a, x_b, y_a, y_b);
+  // 2 -> 1: neighbouring lanes.
+  merge_top2(x_a, x_b, _mm512_permute_ps(x_a, 0xb1), _mm512_permute_ps(x_b, 0xb1));
+  alignas(64) float top1[16], top2[16];
+  _mm512_store_ps(top1, x_a);
+  _mm512_store_ps(top2, x_b);
+  for (int g = 0; g < groups; ++g) {
+    const int lane = g < 4 ? 4 * g : 4 * (g - 4) + 2;
+    scores[g0 + g] = epg == 1 ? top1[lane] : top1[lane] + top2[lane];
+  }
+}
+
+template <int V>
+FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t begin, int64_t end,
+                                 const float* filter_bias, float delta) {
+  alignas(64) float x[kRowCapacity];
+  alignas(64) float s[kRowCapacity];
+  alignas(64) float key[kRowCapacity];
+  alignas(64) float cand_key[kRowCapacity];
+  alignas(64) float cand_s[kRowCapacity];
+  alignas(64) int cand_pos[kRowCapacity + 16];
+  float group_scores[kMaxGroups];
+  int kept[kMaxGroups];
+  Segment segments[kMaxGroups];
+  int chosen[kMaxTopK + 1];  // slot top_k takes the candidates ranked below it
+  int ids[kMaxTopK];
+  float weights[kMaxTopK];
+  const int E = p.experts, K = p.top_k, epg = p.experts_per_group;
+
+  for (int64_t t = begin; t < end; ++t) {
+    const float* logits = logits_row(p, io, t, x);
+    bool fallback = false;
+    int count;
+    __m512 m[V];
+    for (int v = 0; v < V; ++v) m[v] = _mm512_set1_ps(-kInf);
+    if (p.score_groups) {
+      // Rules 1-2 for every expert.
+      for (int e = 0; e < E; e += 16) {
+        const __mmask16 lanes = first_lanes(E - e);
+        const __m512 se = sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
+        _mm512_storeu_ps(s + e, se);
+        _mm512_storeu_ps(key + e, routing_key16(_mm512_add_ps(se, _mm512_maskz_loadu_ps(lanes, io.bias + e))));
+      }
+      // Rule 3.
+      for (int g0 = 0; g0 < p.n_group; g0 += 8)
+        score_eight_groups(key, g0, std::min(8, p.n_group - g0), epg, group_scores);
+      fallback = keep_groups(p, group_scores, kept);
+      for (int k = 0; k < p.topk_group; ++k) segments[k] = Segment{kept[k] * epg, epg};
+      // Rule 4 on the exact keys.
+      lane_maxima<V>(key, segments, p.topk_group, m);
+      count = candidates<V>(key, segments, p.topk_group, m, K, 0.0f, cand_pos);
+      fallback |= count < K;
+      if (!fallback && count <= 16) {
+        const __mmask16 lanes = first_lanes(count);
+        const __m512i at = _mm512_maskz_loadu_epi32(lanes, cand_pos);
+        finish16(p, io, t, at, _mm512_mask_i32gather_ps(_mm512_set1_ps(-kInf), lanes, at, key, 4),
+                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, s, 4), count);
+        continue;
+      }
+      for (int a = 0; a < count; ++a) {
+        cand_key[a] = key[cand_pos[a]];
+        cand_s[a] = s[cand_pos[a]];
+      }
+    } else {
+      // Approximate keys (filter_bias is -inf where the bias is not finite, so such experts never pass) and
+      // their lane maxima, V vectors taking chunks in turn.
+      for (int e = 0; e < E; e += 16) {
+        const __mmask16 lanes = first_lanes(E - e);
+        const __m512 approx = approx_sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
+        const __m512 k =
+            _mm512_mask_add_ps(_mm512_set1_ps(-kInf), lanes, approx, _mm512_maskz_loadu_ps(lanes, filter_bias + e));
+        _mm512_storeu_ps(key + e, k);
+        // A NaN key (max returns its second operand) leaves the maximum as it was.
+        m[(e / 16) % V] = _mm512_max_ps(k, m[(e / 16) % V]);
+      }
+      segments[0] = Segment{0, E};
+      count = candidates<V>(key, segments, 1, m, K, 2.0f * delta, cand_pos);
+      // Rules 1-2, exactly, for the candidates alone.
+      int valid = 0;
+      for (int a = 0; a < count; a += 16) {
+        const __mmask16 lanes = first_lanes(count - a);
+        const __m512i at = _mm512_maskz_loadu_epi32(lanes, cand_pos + a);
+        const __m512 se = sigmoid16(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, logits, 4));
+        const __m512 b = _mm512_mask_mov_ps(
+            _mm512_set1_ps(-kInf), lanes,
+            routing_key16(_mm512_add_ps(se, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, io.bias, 4))));
+        valid += _mm_popcnt_u32(_mm512_cmp_ps_mask(b, _mm512_set1_ps(-kInf), _CMP_NEQ_OQ));
+        if (count <= 16) {
+          if (valid >= K) finish16(p, io, t, at, b, se, count);
+          break;
+        }
+        _mm512_storeu_ps(cand_s + a, se);
+        _mm512_storeu_ps(cand_key + a, b);
+      }
+      fallback = valid < K;
+      if (!fallback && count <= 16) continue;
+    }
+    if (!fallback) {
+      order_candidates(cand_key, count, K, chosen);
+      for (int r = 0; r < K; ++r) {
+        ids[r] = cand_pos[chosen[r]];
+        weights[r] = cand_s[chosen[r]];
+      }
+    }
+    write_outputs(p, io, t, fallback, ids, weights);
+  }
+}
+
+FUSEDGATE_AVX512 inline void route_rows_any(const Routing& p, const Buffers& io, int64_t begin, int64_t end,
+                                            const float* filter_bias, float delta) {
+  if (p.top_k <= 16) {
+    route_rows<1>(p, io, begin, end, filter_bias, delta);
+  } else {
+    route_rows<2>(p, io, begin, end, filter_bias, delta);
+  }
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace fusedgate
+
+#endif
