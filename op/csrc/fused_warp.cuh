@@ -1,9 +1,10 @@
 // The mid and large-batch kernel of path `fused` where its layout fits: each lane holds `vpt` contiguous
 // experts of a token in registers and the token's warp takes top_k rounds of a warp arg-max. A row wider than
 // one warp's 4 experts per lane (an ungrouped config such as kimi_k2) is spread over `warps_per_token` warps
-// whose winners one warp merges by the same rounds. Only the bias stays out of shared memory's way: it sits in
-// registers, loaded once per lane. Same arithmetic as the other kernels (sigmoid_f32, selection keys, the sum
-// in output order, routed_weight): bit-identical outputs.
+// whose winners one warp merges by the same rounds (chosen only through FUSEDGATE_WARP_MAX_TOKENS: see
+// warp_max_tokens). The bias sits in registers, loaded once per lane; shared memory holds only the winners.
+// Same arithmetic as the other kernels (sigmoid_f32, selection keys, the sum in output order, routed_weight):
+// bit-identical outputs.
 #pragma once
 
 #include <cstdlib>
