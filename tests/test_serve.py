@@ -14,6 +14,8 @@ import pytest
 pytest.importorskip("fastapi")
 http = pytest.importorskip("tritonclient.http")
 
+from serve_models import GatedModel  # noqa: E402
+
 from graphs.serve.loadtest import run_loadtest  # noqa: E402
 from graphs.serve.models import ModelSettings, ServedModel, load_bias, seeded_bias  # noqa: E402
 from graphs.serve.protocol import INPUT_DATATYPES  # noqa: E402
@@ -246,19 +248,8 @@ def _fire(url, count, tokens=1, experts=256, statuses=None):
     return threads, statuses
 
 
-class _GatedModel(ServedModel):
-    gate: threading.Event | None = None
-    # Held at the gate on the worker thread, never on the event loop.
-    inline_rows = 0
-
-    def compute(self, logits):
-        if self.gate is not None:
-            self.gate.wait(30)
-        return super().compute(logits)
-
-
 def test_queue_overflow_gives_503_and_nothing_else_breaks(seed):
-    model = _GatedModel(ModelSettings("deepseek_v3"))
+    model = GatedModel(ModelSettings("deepseek_v3"))
     settings = ServerSettings(max_queue_size=2)
     with running_server(create_app([model], settings)) as url:
         # The first request holds the worker at the gate; two more fill the queue; the other seven are refused.

@@ -20,6 +20,8 @@ import pytest
 pytest.importorskip("fastapi")
 http = pytest.importorskip("tritonclient.http")
 
+from serve_models import GatedModel  # noqa: E402
+
 from graphs.serve.models import ModelSettings, ServedModel  # noqa: E402
 from graphs.serve.protocol import INPUT_DATATYPES  # noqa: E402
 from graphs.serve.server import HEADER_ALLOWANCE, ServerSettings, create_app, running_server  # noqa: E402
@@ -32,22 +34,9 @@ E = 256
 INFER = "/v2/models/deepseek_v3/infer"
 
 
-class _GatedModel(ServedModel):
-    """Computes only once ``gate`` is open, so a test can hold a batch while other requests queue."""
-
-    gate: threading.Event | None = None
-    # Held at the gate on the worker thread, never on the event loop.
-    inline_rows = 0
-
-    def compute(self, logits):
-        if self.gate is not None:
-            self.gate.wait(30)
-        return super().compute(logits)
-
-
 @pytest.fixture(scope="module")
 def model():
-    return _GatedModel(ModelSettings("deepseek_v3", with_scores=True, bias_seed=4))
+    return GatedModel(ModelSettings("deepseek_v3", with_scores=True, bias_seed=4))
 
 
 @pytest.fixture(scope="module")
