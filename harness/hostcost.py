@@ -116,8 +116,8 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
 
 def _new_empty(torch, device: str, shapes) -> Callable[[], object]:
     (rows, experts), (_, k), _ = shapes
-    make_scores = torch.empty(1, dtype=torch.float32, device=device).new_empty
-    make_ids = torch.empty(1, dtype=torch.int64, device=device).new_empty
+    make_scores = torch.empty(0, dtype=torch.float32, device=device).new_empty
+    make_ids = torch.empty(0, dtype=torch.int64, device=device).new_empty
     return lambda: (make_scores(rows, experts), make_scores(rows, k), make_ids(rows, k))
 
 

@@ -107,17 +107,19 @@ def _torch(tensor: Any) -> Adapter:
 
 
 def torch_new_empty(torch: Any, device: Any, specs: Sequence[OutputSpec | None]) -> Callable[[], tuple]:
-    """One ``new_empty`` per output, bound to a one-element tensor of the output's dtype on the device, its sizes
+    """One ``new_empty`` per output, bound to an empty tensor of the output's dtype on the device, its sizes
     bound as ints: the cheapest call that yields a fresh torch tensor (no dtype, device or shape tuple to parse;
     about 1 us on a CPU where one ``torch.empty`` with dtype and device takes 1.6). Three of them cost less than
-    one allocation cut into the outputs, which needs a view op per output and one to reinterpret the int words."""
+    one allocation cut into the outputs, which needs a view op per output and one to reinterpret the int words.
+    The bound tensor has no elements, so it holds no memory: a plan built while torch.compile's CUDA graphs
+    warm up would otherwise keep a block of their private pool alive, which they refuse."""
     makers = []
     for spec in specs:
         if spec is None:
             makers.append(None)
             continue
         shape, dtype = spec
-        new_empty = torch.empty(1, dtype=getattr(torch, dtype), device=device).new_empty
+        new_empty = torch.empty(0, dtype=getattr(torch, dtype), device=device).new_empty
         makers.append(functools.partial(new_empty, *shape))
     return assemble(makers)
 
