@@ -213,11 +213,10 @@ def _fused_plan(
     n_group, topk_group, top_k, renormalize, scale = _routing_args(n_group, topk_group, top_k, renormalize, scale)
     dense = ((rows, experts), "float32")
     topk = _specs_topk(rows, top_k, index_dtype)
-    allocate = adapter.allocator([dense if scores else None, *topk])
     if given_out:
-        check_out = _out_checker(adapter, adapter.allocator(topk)()[-1].dtype, [dense, *topk])
+        allocate, check_out = None, _out_checker(adapter, adapter.allocator(topk)()[-1].dtype, [dense, *topk])
     else:
-        check_out = None
+        allocate, check_out = adapter.allocator([dense if scores else None, *topk]), None
 
     if rows == 0:
         if check_out is None:
