@@ -288,3 +288,19 @@ def test_an_index_dtype_of_its_own_gets_a_plan_of_its_own(seed):
     assert grouped_topk(x, bias, *DEEPSEEK.args(), index_dtype="int32")[2].dtype == torch.int32
     assert grouped_topk(x, bias, *DEEPSEEK.args(), return_scores=False)[0] is None
     assert grouped_topk(x, bias, *DEEPSEEK.args())[0] is not None
+
+
+def test_torch_tensors_reach_the_library_through_the_c_exchange_api(monkeypatch, seed):
+    """tvm-ffi hands a torch tensor over through torch's DLPack C exchange API (about 0.1 us a tensor) where torch
+    has one; its fallbacks go through ``torch.utils.dlpack.to_dlpack`` or ``__dlpack__``, several times slower. With
+    both made to fail, a call still routes."""
+    x, bias = (torch.from_numpy(a) for a in generate_input(DEEPSEEK, 3, "float32", seed))
+    expected = grouped_topk(x, bias, *DEEPSEEK.args())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torch tensor went through a Python DLPack export")
+
+    monkeypatch.setattr(torch.Tensor, "__dlpack__", refuse)
+    monkeypatch.setattr(torch.utils.dlpack, "to_dlpack", refuse)
+    for routed, wanted in zip(grouped_topk(x.clone(), bias.clone(), *DEEPSEEK.args()), expected, strict=True):
+        assert torch.equal(routed, wanted)
