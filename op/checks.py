@@ -45,7 +45,8 @@ def check_routing_inputs(
         raise ValueError(f"{bias_name} dtype {bias_dtype_name} is not supported: allowed {', '.join(FLOAT_DTYPES)}")
     if tuple(int(d) for d in bias_shape) not in ((num_experts,), (1, num_experts)):
         raise ValueError(
-            f"{bias_name} shape {tuple(bias_shape)} does not match num_experts={num_experts}: "
+            f"{bias_name} shape [{', '.join(str(int(d)) for d in bias_shape)}] does not match "
+            f"num_experts={num_experts}: "
             f"allowed [{num_experts}] or [1, {num_experts}]"
         )
     if index_dtype not in INDEX_DTYPES:

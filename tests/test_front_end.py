@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import ctypes
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 from harness.inputs import generate_input
-from op import api, grouped_topk, noaux_tc
+from op import api, grouped_topk, noaux_tc, reference
 from op.build import library
 from op.configs import PRESETS
 from op.frameworks import adapter_for
@@ -101,7 +102,10 @@ def test_noaux_tc_errors_name_its_own_arguments(make, needle):
 
 
 @pytest.mark.parametrize("index_dtype", ["int64", "int32"])
-@pytest.mark.parametrize(("rows", "experts", "top_k"), [(1, 256, 8), (3, 72, 8), (5, 160, 6), (0, 256, 8)])
+# 40 x 256 scores pass the largest dense template (16 KiB): they come from a template expanded to the shape.
+@pytest.mark.parametrize(
+    ("rows", "experts", "top_k"), [(1, 256, 8), (3, 72, 8), (5, 160, 6), (0, 256, 8), (40, 256, 8)]
+)
 def test_fresh_outputs_are_aligned_disjoint_and_routable(rows, experts, top_k, index_dtype):
     specs = [((rows, experts), "float32"), ((rows, top_k), "float32"), ((rows, top_k), index_dtype)]
     allocate = adapter_for(torch.zeros(1)).allocator(specs)
@@ -113,6 +117,8 @@ def test_fresh_outputs_are_aligned_disjoint_and_routable(rows, experts, top_k, i
         spans.append((tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()))
     spans.sort()
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
+    again = allocate()
+    assert all(a.data_ptr() != b.data_ptr() or not a.numel() for a, b in zip(pieces, again, strict=True))
     assert all(a.data_ptr() != b.data_ptr() or not a.numel() for a, b in zip(pieces, allocate(), strict=True))
     if rows:
         args = (1, 1, top_k, True, 1.0)
@@ -203,3 +209,98 @@ def test_no_scores_with_out_returns_none_for_scores_even_at_zero_tokens(seed):
         out = (np.empty((tokens, 256), np.float32), np.empty((tokens, 8), np.float32), np.empty((tokens, 8), np.int64))
         scores, values, ids = grouped_topk(x, bias, *DEEPSEEK.args(), return_scores=False, out=out)
         assert scores is None and values is out[1] and ids is out[2]
+
+
+def _counting_builds(monkeypatch) -> list:
+    builds = []
+    build = api._fused_plan
+    monkeypatch.setattr(api, "_plans", {})
+    monkeypatch.setattr(api, "_fused_plan", lambda *a: builds.append(a) or build(*a))
+    return builds
+
+
+def test_a_logits_dtype_or_shape_of_its_own_gets_a_plan_of_its_own(monkeypatch, seed):
+    """Same routing arguments, other logits: a cached plan of the first would route the second with the wrong
+    dtype or shape."""
+    builds = _counting_builds(monkeypatch)
+    x, bias = generate_input(DEEPSEEK, 4, "float32", seed)
+    as_bf16 = torch.from_numpy(x).bfloat16()
+    calls = [
+        (torch.from_numpy(x), reference.grouped_topk(x, bias, *DEEPSEEK.args())),
+        (as_bf16, reference.grouped_topk(as_bf16.float().numpy(), bias, *DEEPSEEK.args())),
+        (torch.from_numpy(x[:3].copy()), reference.grouped_topk(x[:3], bias, *DEEPSEEK.args())),
+    ]
+    for logits, expected in calls:
+        scores, values, ids = grouped_topk(logits, torch.from_numpy(bias), *DEEPSEEK.args())
+        assert scores.shape == expected[0].shape
+        np.testing.assert_array_equal(ids.numpy(), expected[2])
+    assert len(builds) == 3
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_the_bias_is_checked_and_read_on_every_call_under_one_plan(framework, monkeypatch, seed):
+    """The bias's shape and dtype are not in the key: a plan built for a float32 bias serves a bfloat16 one (each
+    routed by its own values) and a bias of another shape or of float64 is refused on every call."""
+    builds = _counting_builds(monkeypatch)
+    x, bias = generate_input(DEEPSEEK, 4, "float32", seed)
+    convert = torch.from_numpy if framework == "torch" else np.asarray
+    first = grouped_topk(convert(x), convert(bias), *DEEPSEEK.args())
+    np.testing.assert_array_equal(np.asarray(first[2]), reference.grouped_topk(x, bias, *DEEPSEEK.args())[2])
+    # Its own bias, far from the first, so the routing must change if it is read.
+    other = generate_input(DEEPSEEK, 4, "float32", seed + 1)[1].astype(ml_dtypes.bfloat16)
+    given = torch.from_numpy(other.astype(np.float32)).bfloat16() if framework == "torch" else other
+    second = grouped_topk(convert(x), given, *DEEPSEEK.args())
+    assert not np.array_equal(np.asarray(second[2]), np.asarray(first[2]))
+    np.testing.assert_array_equal(np.asarray(second[2]), reference.grouped_topk(x, other, *DEEPSEEK.args())[2])
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"e_score_correction_bias shape \[8\] does not match num_experts=256"):
+            grouped_topk(convert(x), convert(bias[:8].copy()), *DEEPSEEK.args())
+        with pytest.raises(ValueError, match="e_score_correction_bias dtype float64"):
+            grouped_topk(convert(x), convert(bias.astype(np.float64)), *DEEPSEEK.args())
+    assert len(builds) == 1
+
+
+def test_a_bias_of_another_framework_is_refused_under_a_cached_plan(seed):
+    x, bias = generate_input(DEEPSEEK, 4, "float32", seed)
+    grouped_topk(torch.from_numpy(x), torch.from_numpy(bias), *DEEPSEEK.args())
+    with pytest.raises(ValueError, match="same framework"):
+        grouped_topk(torch.from_numpy(x), bias, *DEEPSEEK.args())
+
+
+def test_calls_with_and_without_out_keep_plans_of_their_own(monkeypatch, seed):
+    """A plan serves either calls with ``out=`` or calls without it: the one without must never drop the given
+    tensors, the one with must never allocate."""
+    builds = _counting_builds(monkeypatch)
+    x, bias = (torch.from_numpy(a) for a in generate_input(DEEPSEEK, 4, "float32", seed))
+    fresh = grouped_topk(x, bias, *DEEPSEEK.args())
+    for given in ([torch.full_like(t, -1) for t in fresh], tuple(torch.full_like(t, -1) for t in fresh)):
+        result = grouped_topk(x, bias, *DEEPSEEK.args(), out=given)
+        assert all(r is g for r, g in zip(result, given, strict=True))
+        assert all(torch.equal(r, f) for r, f in zip(result, fresh, strict=True))
+    again = grouped_topk(x, bias, *DEEPSEEK.args())
+    assert all(a.data_ptr() != g.data_ptr() for a, g in zip(again, given, strict=True))
+    assert [b[-1] for b in builds] == [False, True]
+
+
+def test_an_index_dtype_of_its_own_gets_a_plan_of_its_own(seed):
+    x, bias = (torch.from_numpy(a) for a in generate_input(DEEPSEEK, 4, "float32", seed))
+    assert grouped_topk(x, bias, *DEEPSEEK.args())[2].dtype == torch.int64
+    assert grouped_topk(x, bias, *DEEPSEEK.args(), index_dtype="int32")[2].dtype == torch.int32
+    assert grouped_topk(x, bias, *DEEPSEEK.args(), return_scores=False)[0] is None
+    assert grouped_topk(x, bias, *DEEPSEEK.args())[0] is not None
+
+
+def test_torch_tensors_reach_the_library_through_the_c_exchange_api(monkeypatch, seed):
+    """tvm-ffi hands a torch tensor over through torch's DLPack C exchange API (about 0.1 us a tensor) where torch
+    has one; its fallbacks go through ``torch.utils.dlpack.to_dlpack`` or ``__dlpack__``, several times slower. With
+    both made to fail, a call still routes."""
+    x, bias = (torch.from_numpy(a) for a in generate_input(DEEPSEEK, 3, "float32", seed))
+    expected = grouped_topk(x, bias, *DEEPSEEK.args())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torch tensor went through a Python DLPack export")
+
+    monkeypatch.setattr(torch.Tensor, "__dlpack__", refuse)
+    monkeypatch.setattr(torch.utils.dlpack, "to_dlpack", refuse)
+    for routed, wanted in zip(grouped_topk(x.clone(), bias.clone(), *DEEPSEEK.args()), expected, strict=True):
+        assert torch.equal(routed, wanted)

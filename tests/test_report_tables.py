@@ -200,3 +200,24 @@ def test_gpu_report_layout_with_fake_timers(tmp_path, monkeypatch, seed):
     launches = {(r["path"], r["launch"]) for r in rows if r["metric"] == "latency"}
     assert launches == {(p, k) for p in gpu_us for k in ("graph", "eager")}
     assert (folder / "deepseek_v3-bfloat16.png").stat().st_size > 0
+
+
+def test_hostcost_ratios_follow_the_chosen_statistic(monkeypatch):
+    """With ``--statistic min`` the ratio and the printed figure are each row's least time, else its median; the
+    samples are set so that the two give far apart ratios."""
+    import pytest
+
+    pytest.importorskip("torch")
+    from harness import hostcost
+
+    rows = [hostcost.Row("base", None), hostcost.Row("op", None, "base", 3.0)]
+    samples = {"base": [1.0, 10.0, 10.0], "op": [3.0, 4.0, 100.0]}
+    monkeypatch.setattr(hostcost, "_rows", lambda torch, device, tokens: rows)
+    monkeypatch.setattr(hostcost, "_time_rows", lambda *args: samples)
+    for statistic, figure, ratio, status in (("min", 3.0, 3.0, "met"), ("median", 4.0, 0.4, "met")):
+        table = hostcost.measure("cpu", 1, calls=1, repeats=3, clock="thread", statistic=statistic)
+        op = table[1]
+        assert (op["statistic"], op["ratio"], op["status"]) == (statistic, ratio, status)
+        assert f"| `op` | {figure} | 3.0-100.0 | {ratio}x base |" in hostcost.markdown(table)
+    samples["op"][0] = 3.5
+    assert hostcost.measure("cpu", 1, 1, 3, "thread", "min")[1]["status"] == "missed"

@@ -76,9 +76,13 @@ inline void check_bias(const tvm::ffi::TensorView& bias, int64_t num_experts, co
   float_kind(bias, "e_score_correction_bias");
   const bool flat = bias.ndim() == 1 && bias.size(0) == num_experts;
   const bool row = bias.ndim() == 2 && bias.size(0) == 1 && bias.size(1) == num_experts;
-  if (!flat && !row)
-    TVM_FFI_THROW(ValueError) << "e_score_correction_bias must have shape [" << num_experts << "] or [1, "
-                              << num_experts << "]";
+  if (!flat && !row) {
+    // Worded as the front end words it: a bias of another shape under a cached plan is refused here.
+    std::ostringstream shape;
+    for (int i = 0; i < bias.ndim(); ++i) shape << (i ? ", " : "") << bias.size(i);
+    TVM_FFI_THROW(ValueError) << "e_score_correction_bias shape [" << shape.str() << "] does not match num_experts="
+                              << num_experts << ": allowed [" << num_experts << "] or [1, " << num_experts << "]";
+  }
   if (!bias.IsContiguous()) TVM_FFI_THROW(ValueError) << "e_score_correction_bias must be contiguous";
   if (!same_device(bias, like))
     TVM_FFI_THROW(ValueError) << "e_score_correction_bias must be on the device of gating_output";
