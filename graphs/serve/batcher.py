@@ -17,7 +17,7 @@ import collections
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,8 @@ class BatchRecord:
 class DynamicBatcher:
     """``compute(batch)`` runs on one worker thread and returns one result per ``Pending`` of the batch; a batch of
     at most ``inline_rows`` rows runs on the event loop instead, where the thread hand-off would cost more than
-    the computation."""
+    the computation: awaited as ``inline(batch)`` where given (it may yield to other requests while a device
+    works), else ``compute(batch)`` there."""
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class DynamicBatcher:
         on_batch: Callable[[BatchRecord], None] | None = None,
         name: str = "batcher",
         inline_rows: int = 0,
+        inline: Callable[[Sequence[Pending]], Awaitable[Sequence[Any]]] | None = None,
     ):
         if max_rows < 1:
             raise ValueError(f"max_rows={max_rows} is out of range: allowed >= 1")
@@ -76,7 +78,7 @@ class DynamicBatcher:
         if inline_rows < 0:
             raise ValueError(f"inline_rows={inline_rows} is out of range: allowed >= 0")
         self.compute, self.max_rows, self.max_delay_s, self.max_queue = compute, max_rows, max_delay_s, max_queue
-        self.on_batch, self.inline_rows = on_batch, inline_rows
+        self.on_batch, self.inline_rows, self.inline = on_batch, inline_rows, inline
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._queue: asyncio.Queue[Pending | object | None] | None = None
         self._held: collections.deque[Pending] = collections.deque()
@@ -186,7 +188,7 @@ class DynamicBatcher:
             rows = sum(p.rows for p in batch)
             try:
                 if rows <= self.inline_rows:
-                    results = self.compute(batch)
+                    results = self.compute(batch) if self.inline is None else await self.inline(batch)
                 else:
                     results = await loop.run_in_executor(self._executor, self.compute, batch)
             except Exception as error:  # noqa: BLE001 - every waiter must get an answer, whatever broke

@@ -107,6 +107,7 @@ class _ModelService:
             on_batch=self._record,
             name=f"serve-{model.name}",
             inline_rows=model.inline_rows,
+            inline=self._compute_inline,
         )
         self._domain = nvtx.get_domain(NVTX_DOMAIN)
         self._ranges: dict[int, object] = {}
@@ -117,26 +118,36 @@ class _ModelService:
         """The bucket a batch of ``rows`` is labelled by (the largest one for a batch served in chunks)."""
         return self.model.table.bucket_for(min(rows, self.model.table.largest))
 
-    def _compute(self, batch: Sequence[Pending]) -> list[dict[str, np.ndarray]]:
+    def _range(self, batch: Sequence[Pending]) -> object:
         bucket = self._bucket(sum(p.rows for p in batch))
-        ranges = self._ranges.get(bucket)
-        if ranges is None:
-            ranges = self._ranges[bucket] = self._domain.get_event_attributes(
+        attributes = self._ranges.get(bucket)
+        if attributes is None:
+            attributes = self._ranges[bucket] = self._domain.get_event_attributes(
                 message=f"serve:{self.model.name}:bucket{bucket}"
             )
+        return attributes
+
+    def _compute(self, batch: Sequence[Pending]) -> list[dict[str, np.ndarray]]:
         # Requests of every logit dtype share a batch: each becomes float32 (exactly) before the kernel.
-        self._domain.push_range(ranges)
+        self._domain.push_range(self._range(batch))
         try:
             outputs = self.model.compute([p.payload for p in batch])
         finally:
             self._domain.pop_range()
-        # The outputs belong to this batch: each request gets views of its own rows.
-        results, start = [], 0
-        for pending in batch:
-            stop = start + pending.rows
-            results.append({name: array[start:stop] for name, array in outputs.items()})
-            start = stop
-        return results
+        return _split(batch, outputs)
+
+    async def _compute_inline(self, batch: Sequence[Pending]) -> list[dict[str, np.ndarray]]:
+        self._domain.push_range(self._range(batch))
+        try:
+            self.model.launch([p.payload for p in batch])
+            # Polled, not waited for: while the device works, the event loop reads, parses and answers other
+            # requests (the next batch gathers meanwhile).
+            while not self.model.ready():
+                await asyncio.sleep(0)
+            outputs = self.model.collect()
+        finally:
+            self._domain.pop_range()
+        return _split(batch, outputs)
 
     def _record(self, record: BatchRecord) -> None:
         self.metrics.batch(self.model.name, record, self._bucket(record.rows), self.model.padded_rows(record.rows))
@@ -161,6 +172,16 @@ class _ModelService:
             raise ProtocolError(503, str(closing), "UNAVAILABLE") from None
         except Exception as broken:  # noqa: BLE001 - the backend failed; the client gets a 500 naming why
             raise ProtocolError(500, f"routing failed: {broken}", "BACKEND") from None
+
+
+def _split(batch: Sequence[Pending], outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Each request's own rows: views of the batch's outputs, which belong to the batch."""
+    results, start = [], 0
+    for pending in batch:
+        stop = start + pending.rows
+        results.append({name: array[start:stop] for name, array in outputs.items()})
+        start = stop
+    return results
 
 
 def _request_headers(scope: dict) -> dict[str, str]:
