@@ -130,6 +130,52 @@ def test_a_full_queue_refuses_at_once_and_stop_drains_the_rest():
     assert run(main()) == [("answer", n) for n in range(4)]
 
 
+def test_stop_while_an_inline_batch_awaits_its_device_answers_it_and_every_queued_request():
+    async def main():
+        device = asyncio.Event()
+        seen = []
+
+        async def inline(batch):
+            seen.append([p.payload for p in batch])
+            await device.wait()
+            return [("answer", p.payload) for p in batch]
+
+        batcher = DynamicBatcher(Recorder(), max_rows=2, max_delay_s=0.0, max_queue=10, inline_rows=2, inline=inline)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(1, n)) for n in range(5)]
+        await asyncio.sleep(0.05)  # the first batch is on the device, the others queued
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(1, 99)
+        device.set()
+        await stopping
+        return [t.result() for t in tasks], seen
+
+    answers, seen = run(main())
+    assert answers == [("answer", n) for n in range(5)]
+    assert seen == [[0, 1], [2, 3], [4]]
+
+
+def test_a_failing_inline_batch_fails_its_own_requests_only():
+    async def inline(batch):
+        await asyncio.sleep(0)
+        if any(p.payload == 1 for p in batch):
+            raise RuntimeError("device broke")
+        return [("answer", p.payload) for p in batch]
+
+    async def main():
+        batcher = DynamicBatcher(Recorder(), max_rows=2, max_delay_s=0.05, max_queue=100, inline_rows=2, inline=inline)
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit(1, n) for n in range(4)), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = run(main())
+    assert [type(r) for r in results[:2]] == [RuntimeError, RuntimeError]
+    assert results[2:] == [("answer", 2), ("answer", 3)]
+
+
 def test_small_batches_run_on_the_event_loop_and_larger_ones_on_the_worker():
     threads = []
 

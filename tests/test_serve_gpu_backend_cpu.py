@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 
 import numpy as np
 import pytest
@@ -25,18 +26,21 @@ from op.testing import assert_routing_close  # noqa: E402
 
 
 class _Event:
-    """A CUDA event's stand-in: not ready for ``pending`` queries after each record; counts waits."""
+    """A CUDA event's stand-in: not ready for ``pending`` queries, nor for ``busy_s`` seconds, after each record;
+    counts queries and waits."""
 
     def __init__(self) -> None:
         self.pending, self.left, self.waits, self.queries = 0, 0, 0, 0
+        self.busy_s, self.ready_at = 0.0, 0.0
 
     def record(self, stream=None) -> None:
         self.left = self.pending
+        self.ready_at = time.perf_counter() + self.busy_s
 
     def query(self) -> bool:
         self.queries += 1
         self.left -= 1
-        return self.left < 0
+        return self.left < 0 and time.perf_counter() >= self.ready_at
 
     def synchronize(self) -> None:
         self.waits += 1
@@ -125,3 +129,40 @@ def test_an_inline_batch_polls_the_device_and_leaves_the_event_loop_free(model):
     for x, result in zip(parts, results, strict=True):
         got = (result["scores"], result["topk_values"], result["topk_indices"])
         assert_routing_close(got, x, served.bias, served.config)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_slow_device_is_polled_at_a_bounded_rate_not_spun_on(model, loop):
+    """The event loop polls a device that takes long without spinning: after a short spin, about once a
+    millisecond (uvloop runs a shorter timer at once, which would spin)."""
+    run = asyncio.run if loop == "asyncio" else pytest.importorskip("uvloop").run
+    served, event = model
+    service = _ModelService(served, ServerSettings(), ServiceMetrics())
+    x = np.random.default_rng(9).standard_normal((1, 256)).astype(np.float32)
+    event.busy_s, queries = 0.3, event.queries
+
+    async def timed() -> tuple[list, float, float]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        results = await service._compute_inline([Pending(1, x, None)])
+        return results, time.perf_counter() - wall, time.thread_time() - cpu
+
+    results, wall, cpu = run(timed())
+    polls = event.queries - queries
+    assert wall >= event.busy_s
+    # Spinning polls tens of thousands of times and takes the loop's thread for the whole wait.
+    assert polls < 2000 and cpu < 0.3 * wall, (polls, cpu, wall)
+    got = (results[0]["scores"], results[0]["topk_values"], results[0]["topk_indices"])
+    assert_routing_close(got, x, served.bias, served.config)
+
+
+def test_a_server_polling_the_device_answers_every_request_right(model):
+    """Concurrent clients of every size and encoding against the polled backend: each answer checked, none lost."""
+    from graphs.serve.loadtest import run_loadtest
+    from graphs.serve.server import create_app, running_server
+
+    served, event = model
+    event.pending = 2
+    with running_server(create_app([served], ServerSettings())) as url:
+        result = run_loadtest(url, served.name, clients=6, requests=60, max_tokens=40, seed=4)
+    assert result.ok, (result.wrong[:3], result.failed[:3])
+    assert result.answered == 60 and result.requests_per_replay > 1.0
