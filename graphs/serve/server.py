@@ -210,17 +210,24 @@ async def _respond(send, status: int, content: bytes, headers: dict[str, str]) -
     await send({"type": "http.response.body", "body": content})
 
 
-def _client_gone(receive) -> bool:
-    """Whether the client has disconnected, without waiting. The ASGI server answers a receive after a
-    disconnect at once; one that would wait is abandoned at its first step (an anyio cancel scope, Starlette's
-    way, costs about 70 µs a request here)."""
+def _message_now(receive) -> dict | None:
+    """The next ASGI message if the server holds it already, else None, without waiting: a receive that would
+    wait is abandoned at its first step, before it takes anything (an anyio cancel scope, Starlette's way of not
+    waiting, costs about 70 µs a request here)."""
     step = receive()
     try:
         step.send(None)
     except StopIteration as done:
-        return done.value["type"] == "http.disconnect"
+        return done.value
     step.close()
-    return False
+    return None
+
+
+def _client_gone(receive) -> bool:
+    """Whether the client has disconnected, without waiting (the server answers a receive after a disconnect at
+    once)."""
+    message = _message_now(receive)
+    return message is not None and message["type"] == "http.disconnect"
 
 
 class _RoutingApp:
@@ -327,11 +334,15 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         headers = _request_headers(scope)
         declared = headers.get("content-length")
         wbits = content_encoding(headers.get("content-encoding"))
+        length = int(declared) if declared and declared.isdigit() else None
+        # A small body is usually in whole when its request starts: read then, it needs no timer (about 4 µs).
+        first = _message_now(receive)
         try:
-            async with asyncio.timeout(settings.body_timeout_s):
-                body, taken = await receive_body(
-                    receive, int(declared) if declared and declared.isdigit() else None, body_limit, budget
-                )
+            if first is not None and not first.get("more_body", False):
+                body, taken = await receive_body(receive, length, body_limit, budget, first)
+            else:
+                async with asyncio.timeout(settings.body_timeout_s):
+                    body, taken = await receive_body(receive, length, body_limit, budget, first)
         except TimeoutError:
             raise ProtocolError(
                 408, f"the request body did not arrive within {settings.body_timeout_s} s", "BODY_TIMEOUT"
