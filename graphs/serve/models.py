@@ -148,10 +148,8 @@ class _GpuBackend:
         if rows > self.largest:
             raise ValueError(f"a batch of {rows} rows passes the largest bucket, {self.largest}")
         staged, pinned, device, host, self._arrays = self._views_for(rows)
-        start = 0
-        for part in parts:
-            np.copyto(staged[start : start + len(part)], part, casting="same_kind")
-            start += len(part)
+        # One call for all the parts (a copy per part cost about 1 µs more each).
+        np.concatenate(parts, out=staged, casting="same_kind")
         device.copy_(pinned, non_blocking=True)
         # The logits are in the runner's own input rows already: its copy-in is then one torch sees as a copy of
         # a tensor onto itself, which returns at once.
