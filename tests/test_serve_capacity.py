@@ -1,5 +1,5 @@
-"""The capacity run's bookkeeping (the run itself is a benchmark, not a test): server CPU time per request and the
-verdicts against the targets."""
+"""The capacity and request-cost runs are benchmarks, not tests: here only their bookkeeping (server CPU time per
+request, the verdicts against the targets) and that the request-cost run has every request answered."""
 
 from __future__ import annotations
 
@@ -35,3 +35,15 @@ def test_verdicts_name_each_target():
     assert _verdict(8, bare, served) == "meets >= 0.8x"
     assert _verdict(64, bare, served) == "meets >= 0.8x; p99 2.40x p50 (meets <= 3.0x)"
     assert "p99 3.20x p50 (misses" in _verdict(64, bare, Measured(700.0, 2.5, 8.0, 0, 1))
+
+
+def test_the_request_cost_run_answers_every_request_of_both_applications():
+    import asyncio
+
+    from graphs.serve.requestcost import measure
+
+    lines = asyncio.run(measure("cpu", ["binary T=1", "JSON T=1"], [1, 3], requests=6, rounds=1))
+    assert len(lines) == 2 + 4
+    for line in lines[2:]:
+        bare, served = (float(cell) for cell in line.strip("| ").split(" | ")[2:4])
+        assert bare > 0 and served > 0
