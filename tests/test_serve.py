@@ -304,3 +304,28 @@ def test_server_settings_are_validated():
         ServerSettings(max_queue_size=0)
     with pytest.raises(ValueError, match="backend='tpu'"):
         ServedModel(ModelSettings("deepseek_v3", backend="tpu"))
+
+
+def test_batch_metrics_count_each_model_and_bucket_apart():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from graphs.serve.batcher import BatchRecord
+    from graphs.serve.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    for model, requests, rows, bucket in [("a", 2, 3, 4), ("b", 1, 1, 1), ("a", 1, 1, 1), ("a", 3, 4, 4)]:
+        metrics.batch(model, BatchRecord(requests, rows, (1e-6,) * requests, 2e-6), bucket, bucket)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
+    assert samples["nv_inference_count_total", (("model", "a"),)] == 6
+    assert samples["nv_inference_count_total", (("model", "b"),)] == 1
+    assert samples["nv_inference_exec_count_total", (("model", "a"),)] == 3
+    assert samples["fusedgate_inference_rows_total", (("model", "a"),)] == 8
+    assert samples["fusedgate_bucket_fill_ratio_count", (("model", "b"),)] == 1
+    replays = {"a": {"4": 2, "1": 1}, "b": {"1": 1}}
+    for model, buckets in replays.items():
+        for bucket, count in buckets.items():
+            assert samples["fusedgate_bucket_replays_total", (("bucket", bucket), ("model", model))] == count

@@ -130,6 +130,106 @@ def test_a_full_queue_refuses_at_once_and_stop_drains_the_rest():
     assert run(main()) == [("answer", n) for n in range(4)]
 
 
+def test_stop_while_an_inline_batch_awaits_its_device_answers_it_and_every_queued_request():
+    async def main():
+        device = asyncio.Event()
+        seen = []
+
+        async def inline(batch):
+            seen.append([p.payload for p in batch])
+            await device.wait()
+            return [("answer", p.payload) for p in batch]
+
+        batcher = DynamicBatcher(Recorder(), max_rows=2, max_delay_s=0.0, max_queue=10, inline_rows=2, inline=inline)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(1, n)) for n in range(5)]
+        await asyncio.sleep(0.05)  # the first batch is on the device, the others queued
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(1, 99)
+        device.set()
+        await stopping
+        return [t.result() for t in tasks], seen
+
+    answers, seen = run(main())
+    assert answers == [("answer", n) for n in range(5)]
+    assert seen == [[0, 1], [2, 3], [4]]
+
+
+def test_a_failing_inline_batch_fails_its_own_requests_only():
+    async def inline(batch):
+        await asyncio.sleep(0)
+        if any(p.payload == 1 for p in batch):
+            raise RuntimeError("device broke")
+        return [("answer", p.payload) for p in batch]
+
+    async def main():
+        batcher = DynamicBatcher(Recorder(), max_rows=2, max_delay_s=0.05, max_queue=100, inline_rows=2, inline=inline)
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit(1, n) for n in range(4)), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = run(main())
+    assert [type(r) for r in results[:2]] == [RuntimeError, RuntimeError]
+    assert results[2:] == [("answer", 2), ("answer", 3)]
+
+
+def test_a_lone_request_goes_at_once_in_its_own_task_and_others_queue_behind_it():
+    async def main():
+        device = asyncio.Event()
+        seen, tasks, in_flight, most = [], [], [0], [0]
+
+        async def inline(batch):
+            seen.append(([p.payload for p in batch], asyncio.current_task()))
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            await device.wait()
+            in_flight[0] -= 1
+            return [("answer", p.payload) for p in batch]
+
+        batcher = DynamicBatcher(Recorder(), max_rows=8, max_delay_s=0.0, max_queue=10, inline_rows=8, inline=inline)
+        await batcher.start()
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(batcher.submit(1, 0))]
+        await asyncio.sleep(0.05)  # request 0 is on the device
+        tasks += [asyncio.create_task(batcher.submit(1, n)) for n in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        device.set()
+        answers = [await t for t in tasks]
+        await batcher.stop()
+        return answers, seen, tasks, most[0]
+
+    answers, seen, tasks, most = run(main())
+    assert answers == [("answer", n) for n in range(4)]
+    assert [payloads for payloads, _ in seen] == [[0], [1, 2, 3]]
+    # Computed in the request's own task, then by the batching task; never two batches at once.
+    assert seen[0][1] is tasks[0] and seen[1][1] not in tasks and most == 1
+
+
+def test_requests_read_in_one_turn_of_the_loop_share_a_batch_though_the_batcher_is_idle():
+    """A computation that never yields (the CPU kernel's) would otherwise let each of them go alone."""
+    seen = []
+
+    async def inline(batch):
+        seen.append([p.payload for p in batch])
+        return [("answer", p.payload) for p in batch]
+
+    async def main():
+        batcher = DynamicBatcher(Recorder(), max_rows=8, max_delay_s=0.0, max_queue=10, inline_rows=8, inline=inline)
+        await batcher.start()
+        await asyncio.sleep(0)
+        answers = await asyncio.gather(*(batcher.submit(1, n) for n in range(6)))
+        alone = await batcher.submit(1, 6)
+        await batcher.stop()
+        return answers, alone
+
+    answers, alone = run(main())
+    assert answers == [("answer", n) for n in range(6)] and alone == ("answer", 6)
+    assert seen == [[0, 1, 2, 3, 4, 5], [6]]
+
+
 def test_small_batches_run_on_the_event_loop_and_larger_ones_on_the_worker():
     threads = []
 

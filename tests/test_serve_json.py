@@ -9,6 +9,7 @@ import os
 import signal
 import tracemalloc
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -127,6 +128,64 @@ def test_malformed_documents_are_refused():
     assert "malformed JSON" in refusal(request_text(1, "[" + FLAT + "]") + b"x")
     assert "JSON object" in refusal(b"[1]")
     assert "'inputs'" in refusal(b'{"inputs":[1]}')
+
+
+NUMBERS = ["0", "-0", "7", "-12", "1e39", "-1E39", "2e308", "3.5e-50", "123456789012345678901234567890", "0.1"]
+NUMBERS += ["-2.5E+3", "1.0000001", "16777217", "-0.0", "1e-46", "340282356779733661637539395458142568448"]
+NUMBERS += ["18446744073709551616", "-9223372036854775809", "1152921573326323713", "0.30000000000000004"]
+DOCUMENTS = {
+    "numbers of every form": request_text(2, "[" + ",".join(NUMBERS[:16]) + "]"),
+    "numbers within a float64": request_text(
+        2, "[" + ",".join([n for n in NUMBERS[:16] if n != "2e308"] + ["1"]) + "]"
+    ),
+    "integers beyond 64 bits": request_text(1, "[" + ",".join(NUMBERS[16:] + ["1"] * 4) + "]"),
+    "rows": request_text(2, "[" + ROW + "," + ROW + "]"),
+    "NaN tokens": request_text(1, "[NaN,Infinity,-Infinity,1,2,3,4,5]"),
+    "no tokens": request_text(0, "[]"),
+    "no data": b'{"inputs":[{"name":"gating_output","shape":[1,8],"datatype":"FP32"}]}',
+    "JSON data of FP16": request_text(1, "[" + FLAT + "]").replace(b"FP32", b"FP16"),
+    "a shape of three": request_text(1, "[" + FLAT + "]").replace(b"[1,8]", b"[1,8,1]"),
+    "an id that is a number": request_text(1, "[" + FLAT + "]").replace(b'"r"', b"7"),
+    "an id given twice": request_text(1, "[" + FLAT + "]").replace(b'"id":"r"', b'"id":"a","id":"b"'),
+    "unknown fields": request_text(1, "[" + FLAT + "]").replace(b'"id"', b'"x":{"y":[null]},"id"'),
+    "outputs asked as binary": request_text(1, "[" + FLAT + "]").replace(
+        b'"id"', b'"outputs":[{"name":"topk_values","parameters":{"binary_data":true}}],"id"'
+    ),
+    "binary_data_output a string": request_text(1, "[" + FLAT + "]").replace(
+        b'"id"', b'"parameters":{"binary_data_output":"false"},"id"'
+    ),
+    "inputs an object": b'{"inputs":{"name":"gating_output"}}',
+    "two inputs": b'{"inputs":[{"name":"gating_output"},{"name":"gating_output"}]}',
+    "not an object": b"[1]",
+    "a trailing comma": request_text(1, "[" + FLAT + ",]"),
+    **{f"data: {case}": request_text(2, data) for case, (data, _) in REFUSED.items()},
+}
+
+
+def _outcome(text: bytes) -> tuple:
+    try:
+        got = parse_infer(text, None, SIGNATURE)
+    except ProtocolError as refused:
+        return "refused", refused.status, refused.message
+    return "read", got.id, got.outputs, got.logits.dtype, got.logits.shape, got.logits.tobytes()
+
+
+@pytest.mark.parametrize("case", sorted(DOCUMENTS))
+def test_a_small_body_read_in_one_pass_gives_what_the_general_reading_gives(monkeypatch, case):
+    """A body of flat numbers is read in one pass into float32 (no Python number checked one by one): the same
+    logits, or the same refusal, as the document read whole."""
+    text = DOCUMENTS[case]
+    one_pass = _outcome(text)
+    monkeypatch.setattr(protocol, "_NUMBERS", msgspec.json.Decoder(type(None)))
+    assert one_pass == _outcome(text)
+
+
+def test_the_one_pass_reading_takes_flat_numbers_only():
+    for case in ("numbers within a float64", "integers beyond 64 bits", "no data", "an id given twice"):
+        assert protocol._NUMBERS.decode(DOCUMENTS[case]).inputs
+    for case in ("rows", "NaN tokens", "numbers of every form", "data: true in a flat list", "data: data a string"):
+        with pytest.raises(msgspec.DecodeError):
+            protocol._NUMBERS.decode(DOCUMENTS[case])
 
 
 def test_the_parse_takes_memory_of_the_order_of_its_result(monkeypatch):

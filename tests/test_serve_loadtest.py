@@ -20,16 +20,16 @@ LOADTEST = ["--preset", "deepseek_v3", "--clients", "3", "--requests", "12", "--
 class _DoubledWeights(ServedModel):
     """Answers every request with its weights doubled: ids right, weights wrong."""
 
-    def compute(self, logits: np.ndarray) -> dict[str, np.ndarray]:
-        out = super().compute(logits)
+    def collect(self) -> dict[str, np.ndarray]:
+        out = super().collect()
         return {**out, "topk_values": out["topk_values"] * 2}
 
 
 class _ShiftedIds(ServedModel):
     """Answers every request with the next expert's ids."""
 
-    def compute(self, logits: np.ndarray) -> dict[str, np.ndarray]:
-        out = super().compute(logits)
+    def collect(self) -> dict[str, np.ndarray]:
+        out = super().collect()
         return {**out, "topk_indices": (out["topk_indices"] + 1) % self.config.num_experts}
 
 

@@ -48,9 +48,10 @@ Receive = Callable[[], Awaitable[dict]]
 
 
 async def receive_body(
-    receive: Receive, declared: int | None, limit: int, budget: BodyBudget
+    receive: Receive, declared: int | None, limit: int, budget: BodyBudget, first: dict | None = None
 ) -> tuple[bytes | bytearray, int]:
-    """The raw body and the bytes taken from ``budget`` for it (the caller gives them back once it is parsed).
+    """The raw body and the bytes taken from ``budget`` for it (the caller gives them back once it is parsed);
+    ``first``: the first message, where the caller has received it already.
 
     A body of declared length is written chunk by chunk into one buffer, so that no copy of the whole body
     holds the event loop at its end (nor doubles its memory)."""
@@ -69,7 +70,7 @@ async def receive_body(
     try:
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            message, first = (first, None) if first is not None else (await receive(), None)
             if message["type"] == "http.disconnect":
                 raise ClientGone("the client disconnected while sending its request")
             chunk, more = message.get("body", b""), message.get("more_body", False)

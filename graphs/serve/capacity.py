@@ -6,8 +6,9 @@ T=1, binary FP32 T=128) at each concurrency for ``--seconds``, to the bare endpo
 alternating slices (``--rounds``), so that other load on a shared machine hits both alike. The client is ``wrk``
 (with ``wrk_body.lua``) where installed, else (or with ``--client python``) the closed-loop
 ``graphs.serve.loadgen``; ``--client both`` measures the bare endpoint with each, to show the Python client
-saturates it. Requests per batch come from the service's own /metrics. The table (markdown) is printed and
-written to ``--out``. A benchmark, not a test: the targets it reports are ratios measured side by side.
+saturates it. Requests per batch come from the service's own /metrics, and each server's CPU time per request
+from its process's CPU time (all its threads) over its slices. The table (markdown) is printed and written to
+``--out``. A benchmark, not a test: the targets it reports are ratios measured side by side.
 
 ``python -m graphs.serve.capacity [--backend cpu|gpu] [--seconds 15] [--client wrk|python|both]``
 """
@@ -41,8 +42,9 @@ BODIES = {"binary T=1": (1, "binary"), "JSON T=1": (1, "json"), "binary T=128": 
 OUTPUTS = ("topk_values", "topk_indices")
 WRK_SCRIPT = Path(__file__).with_name("wrk_body.lua")
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
-# Targets of the issue: concurrency 1, p50 within 2x the bare endpoint's; 8 and 64, >= 0.8x its requests/s.
-P50_TARGET, RATE_TARGET = 2.0, 0.8
+# Targets of the issue: concurrency 1, p50 within 2x the bare endpoint's; 8 and 64, >= 0.8x its requests/s; at 64,
+# the service's p99 within 3x its p50.
+P50_TARGET, RATE_TARGET, TAIL_TARGET, TAIL_CONCURRENCY = 2.0, 0.8, 3.0, 64
 
 
 @dataclass
@@ -51,6 +53,19 @@ class Measured:
     p50_ms: float
     p99_ms: float
     non_200: int
+    requests: int
+    # CPU seconds the server's process took during the run (set by the caller, which knows the process).
+    server_cpu_s: float = 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.server_cpu_s / self.requests * 1e6 if self.requests else float("nan")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def build_body(tokens: int, encoding: str, seed: int = 0) -> tuple[bytes, str]:
@@ -103,19 +118,20 @@ def _ms(text: str) -> float:
     return float(number) * UNITS_MS[unit]
 
 
-def run_wrk(url: str, body: Path, header_length: str, concurrency: int, seconds: int, cores: str) -> Measured:
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "--latency"]
+def run_wrk(url: str, body: Path, header_length: str, concurrency: int, seconds: float, cores: str) -> Measured:
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "--latency"]
     command += ["-s", str(WRK_SCRIPT), f"http://{url}{PATH}"]
     env = {**os.environ, "FUSEDGATE_BODY": str(body), "FUSEDGATE_HEADER_LENGTH": header_length}
     out = subprocess.run(_pinned(cores, command), env=env, capture_output=True, text=True, check=True).stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count = re.search(r"(\d+) requests in", out)
     percentiles = dict(re.findall(r"^\s*(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
-    if rate is None or set(percentiles) != {"50", "99"}:
+    if rate is None or count is None or set(percentiles) != {"50", "99"}:
         raise RuntimeError(f"wrk printed no rate or percentiles:\n{out}")
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     failures = (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0)
-    return Measured(float(rate.group(1)), _ms(percentiles["50"]), _ms(percentiles["99"]), failures)
+    return Measured(float(rate.group(1)), _ms(percentiles["50"]), _ms(percentiles["99"]), failures, int(count.group(1)))
 
 
 def run_python(url: str, body: Path, header_length: str, concurrency: int, seconds: float, cores: str) -> Measured:
@@ -125,19 +141,21 @@ def run_python(url: str, body: Path, header_length: str, concurrency: int, secon
         command += ["--header", f"Inference-Header-Content-Length:{header_length}"]
     out = subprocess.run(_pinned(cores, command), capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    return Measured(result["requests_per_s"], result["p50_ms"], result["p99_ms"], result["non_200"])
+    return Measured(result["requests_per_s"], result["p50_ms"], result["p99_ms"], result["non_200"], result["requests"])
 
 
 CLIENTS = {"wrk": run_wrk, "python": run_python}
 
 
 def _combined(slices: list[Measured]) -> Measured:
-    """Slices of equal length: mean rate, median percentiles, all failures."""
+    """Slices of equal length: mean rate, median percentiles, all failures, requests and server CPU time."""
     return Measured(
         float(np.mean([m.requests_per_s for m in slices])),
         float(np.median([m.p50_ms for m in slices])),
         float(np.median([m.p99_ms for m in slices])),
         sum(m.non_200 for m in slices),
+        sum(m.requests for m in slices),
+        sum(m.server_cpu_s for m in slices),
     )
 
 
@@ -152,7 +170,11 @@ def _verdict(concurrency: int, bare: Measured, served: Measured) -> str:
         ratio = served.p50_ms / bare.p50_ms
         return f"p50 {ratio:.2f}x ({'meets' if ratio <= P50_TARGET else 'misses'} <= {P50_TARGET}x)"
     ratio = served.requests_per_s / bare.requests_per_s
-    return f"{'meets' if ratio >= RATE_TARGET else 'misses'} >= {RATE_TARGET}x"
+    verdict = f"{'meets' if ratio >= RATE_TARGET else 'misses'} >= {RATE_TARGET}x"
+    if concurrency >= TAIL_CONCURRENCY:
+        tail = served.p99_ms / served.p50_ms
+        verdict += f"; p99 {tail:.2f}x p50 ({'meets' if tail <= TAIL_TARGET else 'misses'} <= {TAIL_TARGET}x)"
+    return verdict
 
 
 def _row(body: str, concurrency: int, client: str, bare: Measured, served: Measured, per_batch: float) -> str:
@@ -167,6 +189,7 @@ def _row(body: str, concurrency: int, client: str, bare: Measured, served: Measu
         f"{served.p50_ms:.2f} / {served.p99_ms:.2f}",
         _verdict(concurrency, bare, served),
         f"{per_batch:.1f}",
+        f"{bare.cpu_us_per_request:.0f} / {served.cpu_us_per_request:.0f}",
         f"{bare.non_200} / {served.non_200}",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -186,7 +209,7 @@ def _stack() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--seconds", type=int, default=15, help="per server and row, split into --rounds slices")
+    parser.add_argument("--seconds", type=float, default=15, help="per server and row, split into --rounds slices")
     parser.add_argument("--rounds", type=int, default=3, help="alternating slices of bare and service runs")
     default_client = "wrk" if shutil.which("wrk") else "python"
     parser.add_argument("--client", choices=["wrk", "python", "both"], default=default_client)
@@ -201,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     bodies = [b.strip() for b in args.bodies.split(",")]
     unknown = [b for b in bodies if b not in BODIES]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    if unknown or args.rounds < 1 or args.seconds < args.rounds or min(concurrencies) < 1:
+    if unknown or args.rounds < 1 or args.seconds < 0.5 * args.rounds or min(concurrencies) < 1:
         parser.error(
-            f"--bodies from {list(BODIES)}, --rounds >= 1, --seconds >= --rounds, --concurrency >= 1 "
+            f"--bodies from {list(BODIES)}, --rounds >= 1, --seconds >= 0.5 --rounds, --concurrency >= 1 "
             f"(unknown bodies: {unknown})"
         )
-    slice_s = args.seconds // args.rounds
+    slice_s = args.seconds / args.rounds
     clients = ["wrk", "python"] if args.client == "both" else [args.client]
     if "wrk" in clients and not shutil.which("wrk"):
         parser.error("wrk is not installed here: use --client python")
@@ -218,13 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         f"# Capacity: fusedgate ({args.backend} backend) against the bare FastAPI endpoint",
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, {os.cpu_count()} cores; servers on cores "
-        f"{args.server_cores}, load generator on {args.client_cores}; {args.rounds} alternating slices of {slice_s} s "
-        f"per server and row; {_stack()}; "
+        f"{args.server_cores}, load generator on {args.client_cores}; {args.rounds} alternating slices of "
+        f"{slice_s:g} s per server and row; {_stack()}; "
         f"fusedgate serve {' '.join(args.serve_arg) or 'with its defaults'}.",
         "",
         "| body | concurrency | client | bare req/s | fusedgate req/s | ratio | bare p50 / p99 ms "
-        "| fusedgate p50 / p99 ms | target | requests per batch | non-200 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| fusedgate p50 / p99 ms | target | requests per batch | server CPU µs per request, bare / fusedgate "
+        "| non-200 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows = []
@@ -240,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
                         bare_slices, served_slices = [], []
                         before = metric_totals(served_url, PRESET)
                         for _ in range(args.rounds):
-                            for url, slices in ((bare_url, bare_slices), (served_url, served_slices)):
-                                slices.append(
-                                    run(url, body_file, header_length, concurrency, slice_s, args.client_cores)
-                                )
+                            for process, url, slices in (
+                                (bare, bare_url, bare_slices),
+                                (served, served_url, served_slices),
+                            ):
+                                cpu = process_cpu_seconds(process.pid)
+                                measured = run(url, body_file, header_length, concurrency, slice_s, args.client_cores)
+                                measured.server_cpu_s = process_cpu_seconds(process.pid) - cpu
+                                slices.append(measured)
                         per_batch = _requests_per_batch(before, metric_totals(served_url, PRESET))
                         on_bare, on_served = _combined(bare_slices), _combined(served_slices)
                         row = _row(name, concurrency, client, on_bare, on_served, per_batch)

@@ -61,15 +61,35 @@ class ServiceMetrics:
         )
         self.replays = Counter("fusedgate_bucket_replays", "Batches per bucket", ["model", "bucket"], registry=r)
         self._done: dict[str, tuple] = {}
+        self._batches: dict[str, tuple] = {}
+        self._replays: dict[tuple[str, int], object] = {}
 
     def batch(self, model: str, record: BatchRecord, bucket: int, padded_rows: int) -> None:
-        self.inference_count.labels(model).inc(record.requests)
-        self.exec_count.labels(model).inc()
-        self.queue_us.labels(model).inc(sum(record.queue_seconds) * 1e6)
-        self.compute_us.labels(model).inc(record.compute_seconds * 1e6)
-        self.rows.labels(model).inc(record.rows)
-        self.fill.labels(model).observe(record.rows / padded_rows)
-        self.replays.labels(model, str(bucket)).inc()
+        # As in request_done: the labelled children looked up once (seven lookups took 7 of a batch's 10 µs here).
+        children = self._batches.get(model)
+        if children is None:
+            children = self._batches[model] = tuple(
+                metric.labels(model)
+                for metric in (
+                    self.inference_count,
+                    self.exec_count,
+                    self.queue_us,
+                    self.compute_us,
+                    self.rows,
+                    self.fill,
+                )
+            )
+        inference_count, exec_count, queue_us, compute_us, rows, fill = children
+        replays = self._replays.get((model, bucket))
+        if replays is None:
+            replays = self._replays[model, bucket] = self.replays.labels(model, str(bucket))
+        inference_count.inc(record.requests)
+        exec_count.inc()
+        queue_us.inc(sum(record.queue_seconds) * 1e6)
+        compute_us.inc(record.compute_seconds * 1e6)
+        rows.inc(record.rows)
+        fill.observe(record.rows / padded_rows)
+        replays.inc()
 
     def request_done(self, model: str, seconds: float) -> None:
         # The labelled children, looked up once per model: labels() takes a lock and builds a key each call.

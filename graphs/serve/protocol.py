@@ -117,6 +117,28 @@ class _Outline(msgspec.Struct):
 _OUTLINE = msgspec.json.Decoder(_Outline)
 
 
+class _NumbersTensor(msgspec.Struct):
+    """An input whose ``data`` is a flat list of JSON numbers, as clients send it."""
+
+    name: Any = msgspec.UNSET
+    shape: Any = msgspec.UNSET
+    datatype: Any = msgspec.UNSET
+    parameters: Any = msgspec.UNSET
+    data: list[int | float] | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Numbers(msgspec.Struct):
+    """The usual request with flat ``data``: read in one pass that also checks every element is a number."""
+
+    inputs: list[_NumbersTensor]
+    id: Any = msgspec.UNSET
+    parameters: Any = msgspec.UNSET
+    outputs: Any = msgspec.UNSET
+
+
+_NUMBERS = msgspec.json.Decoder(_Numbers)
+
+
 def _present(struct: msgspec.Struct) -> dict:
     return {name: value for name in struct.__struct_fields__ if (value := getattr(struct, name)) is not msgspec.UNSET}
 
@@ -124,9 +146,11 @@ def _present(struct: msgspec.Struct) -> dict:
 def _parse_json(text: bytes) -> dict:
     """The request as a dict. A body larger than one chunk that has the usual outline (an object whose
     ``inputs`` are objects) keeps each input's ``data`` as JSON text (``msgspec.Raw``, a view of the body),
-    converted in chunks later: as Python numbers, a large body would take about 11 times its size. Anything else
-    (a small body, where one parse is quicker; NaN tokens in the data; another outline; malformed JSON) is read
-    whole, and refused with the reason where it is wrong."""
+    converted in chunks later: as Python numbers, a large body would take about 11 times its size. A smaller one
+    whose ``data`` are flat lists of numbers has them as float32 arrays at once (the numbers are the Python ints
+    and floats the general reading makes, so the values are the same). Anything else (a binary request's header,
+    which orjson reads quicker; NaN tokens in the data, rows, another outline, malformed JSON) is read whole, and
+    refused with the reason where it is wrong."""
     if len(text) > DATA_CHUNK_BYTES:
         try:
             outline = _OUTLINE.decode(text)
@@ -134,10 +158,26 @@ def _parse_json(text: bytes) -> dict:
             pass
         else:
             return {**_present(outline), "inputs": [_present(tensor) for tensor in outline.inputs]}
+    elif b'"data"' in text:
+        try:
+            numbers = _NUMBERS.decode(text)
+            return {**_present(numbers), "inputs": [_numbers_tensor(tensor) for tensor in numbers.inputs]}
+        except (msgspec.DecodeError, RecursionError, OverflowError):
+            # An integer beyond a float64 overflows the conversion: the general reading names it.
+            pass
     document = _load(text)
     if not isinstance(document, dict):
         raise _bad(f"the request must be a JSON object, got {type(document).__name__}")
     return document
+
+
+def _numbers_tensor(tensor: _NumbersTensor) -> dict:
+    present = _present(tensor)
+    if "data" in present:
+        # Numbers beyond float32's range are valid logits of infinite size.
+        with np.errstate(over="ignore"):
+            present["data"] = np.asarray(present["data"], dtype=np.float32)
+    return present
 
 
 def _shape(tensor: dict, signature: ModelSignature) -> tuple[int, int]:
@@ -196,6 +236,11 @@ def _json_numbers(data: object, shape: tuple[int, int]) -> np.ndarray:
     and booleans as numbers."""
     if isinstance(data, msgspec.Raw):
         return _json_text_numbers(memoryview(data), shape)
+    if isinstance(data, np.ndarray):
+        count = shape[0] * shape[1]
+        if data.size != count:
+            raise _bad(f"input {INPUT_NAME}: 'data' holds {data.size} values, shape {list(shape)} needs {count}")
+        return data.reshape(shape)
     if not isinstance(data, list):
         raise _bad(f"input {INPUT_NAME}: 'data' must be a list of numbers, got {type(data).__name__}")
     kinds = set(map(type, data))
