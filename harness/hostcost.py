@@ -26,6 +26,7 @@ from pathlib import Path
 
 from harness.inputs import generate_input
 from harness.results import git_commit
+from op.build import library
 from op.configs import PRESETS
 
 PRESET = "deepseek_v3"
@@ -114,9 +115,14 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
             runner(inputs[i % DISTINCT_INPUTS], bias)
 
     replay = "bare graph.replay() of that bucket"
+    # The runner's copy-in beside the framework copy it replaced, on the same static rows.
+    static = runner.static_logits[:tokens]
+    copy_rows = library().copy_rows
     rows += [
         Row(f'GraphRunner("fused", ...)(x, bias) at T={tokens}', None, replay, runner_target, loop=runner_loop),
         Row(replay, graph.replay),
+        Row("the runner's copy-in (library copy_rows)", lambda: copy_rows(static, x)),
+        Row("torch copy_ of the same rows", lambda: static.copy_(x)),
     ]
     return rows
 
@@ -155,8 +161,6 @@ def _one_buffer(torch, device: str, shapes) -> Callable[[], object]:
 
 
 def _library_call(cuda: bool, x, bias, out, args) -> Callable[[], object]:
-    from op.build import library
-
     if cuda:
         entry = library().fused_grouped_topk
         return lambda: entry(x, bias, *out, None, *args)

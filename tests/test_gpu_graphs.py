@@ -132,3 +132,15 @@ def test_bias_changes_between_calls_are_seen(seed):
     assert_same(runner(x, bias), op.grouped_topk(x, bias, *config.args()))
     other = torch.randn(256, generator=generator, device="cuda")
     assert_same(runner(x, other), op.grouped_topk(x, other, *config.args()))
+
+
+def test_logits_of_another_dtype_or_on_the_host_are_converted_on_copy_in(seed):
+    config = PRESETS["deepseek_v3"]
+    runner = GraphRunner("fused", config, [16], "bfloat16")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x, bias = inputs(config, 16, generator)
+    expected = op.grouped_topk(x, bias, *config.args())
+    # Each is refused by the library's copy and taken by torch's converting one.
+    for logits in (x.float(), x.cpu(), x.t().contiguous().t()):
+        assert_same(runner(logits, bias), expected)
+        assert_same(runner(x, bias), expected)
