@@ -95,15 +95,15 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     else launch(static_cast<const __half*>(nullptr));
   };
   if (rows >= thread_min_tokens() && thread_kernel_covers(p, data_of(logits), call.out.scores)) {
-    const size_t smem = round_up4(static_cast<int>(experts)) * sizeof(float);
+    const size_t smem = thread_kernel_smem(p);
     by_dtype([&](auto* typed) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
       auto* kernel = fused_thread_kernel<T>;
       const int64_t resident = static_cast<int64_t>(sm_count(device)) * resident_blocks(kernel, smem, device);
-      const int64_t needed = (rows + kWarpsPerBlock * 32 - 1) / (kWarpsPerBlock * 32);
+      const int64_t needed = (rows + kThreadBlock - 1) / kThreadBlock;
       launch_dependent("fused_grouped_topk launch", kernel, static_cast<int>(needed < resident ? needed : resident),
-                       kWarpsPerBlock * 32, smem, stream, device, static_cast<const T*>(data_of(logits)),
-                       data_of(bias), call.bias_kind, call.out, call.num_tokens, rows, p);
+                       kThreadBlock, smem, stream, device, static_cast<const T*>(data_of(logits)), data_of(bias),
+                       call.bias_kind, call.out, call.num_tokens, rows, p);
     });
     return;
   }
