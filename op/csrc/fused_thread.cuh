@@ -30,11 +30,12 @@ constexpr int kThreadBlock = kWarpsPerBlock * 32;
 // Candidate slots per thread: random rows put about top_k keys at or above the bound.
 constexpr int kThreadCandidates = 16;
 
-// Batches from this many tokens up run one token per thread; $FUSEDGATE_THREAD_MIN_TOKENS overrides it.
+// Batches from this many tokens up run one token per thread; $FUSEDGATE_THREAD_MIN_TOKENS sets it. No count
+// selects the kernel by default until its crossover against the warp kernels has been measured.
 inline int64_t thread_min_tokens() {
   static const char* env = std::getenv("FUSEDGATE_THREAD_MIN_TOKENS");
   if (env != nullptr) return std::atoll(env);
-  return 32768;
+  return INT64_MAX;
 }
 
 // Rows loaded 16 bytes at a time (8 experts of 2 bytes, or 4 of float32 twice): every group must be a whole
