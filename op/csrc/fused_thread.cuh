@@ -338,13 +338,7 @@ __global__ void __launch_bounds__(kThreadBlock)
         if (r < p.top_k) {
           const float w = fallback ? p.fallback_weight : routed_weight(chosen_s[r], denom, p);
           const int id = fallback ? r : best.id[r];
-          out.values[token * p.top_k + r] = w;
-          if (out.index64) {
-            static_cast<int64_t*>(out.indices)[token * p.top_k + r] = id;
-          } else {
-            static_cast<int32_t*>(out.indices)[token * p.top_k + r] = id;
-          }
-          if (out.scores != nullptr) out.scores[token * p.num_experts + id] = w;
+          write_choice(out, token, p.top_k, p.num_experts, r, id, w);
         }
       }
     }

@@ -376,13 +376,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     if (lane < top_k) {
       const float w = fallback ? p.fallback_weight : routed_weight(chosen_s[lane], denom, p);
       const int id = fallback ? lane : chosen_id[lane];
-      out.values[token * top_k + lane] = w;
-      if (out.index64) {
-        static_cast<int64_t*>(out.indices)[token * top_k + lane] = id;
-      } else {
-        static_cast<int32_t*>(out.indices)[token * top_k + lane] = id;
-      }
-      if (out.scores != nullptr) out.scores[token * p.num_experts + id] = w;
+      write_choice(out, token, top_k, p.num_experts, lane, id, w);
     }
     // The next token's rounds overwrite what this token's lanes read above.
     __syncwarp();

@@ -204,6 +204,19 @@ __device__ __forceinline__ float routed_weight(float s, float denom, const Routi
   return p.renormalize ? __fmul_rn(__fdiv_rn(s, denom), p.scale) : __fmul_rn(s, p.scale);
 }
 
+// Rule 6's outputs for a token's r-th choice, expert `id` at weight `w`: the value, the index (int32 or int64)
+// and, where scores are written, the weight in the token's row. Every kernel writes its choices through here.
+__device__ __forceinline__ void write_choice(const RoutingOutputs& out, int64_t token, int top_k, int num_experts,
+                                             int r, int id, float w) {
+  out.values[token * top_k + r] = w;
+  if (out.index64) {
+    static_cast<int64_t*>(out.indices)[token * top_k + r] = id;
+  } else {
+    static_cast<int32_t*>(out.indices)[token * top_k + r] = id;
+  }
+  if (out.scores != nullptr) out.scores[token * num_experts + id] = w;
+}
+
 // Route one token held by `p.lanes` lanes of the warp. Every lane of the warp calls this with the same
 // parameters (inactive sub-warps too, with `active` false and every b invalid), because it shuffles across
 // the whole warp. `b` is finite or NaN (invalid); `stage` is this token's stage_words(p) words of shared
@@ -354,15 +367,7 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
   for (int r = sub_lane; r < p.top_k; r += lanes) {
     const float w = fallback ? p.fallback_weight : routed_weight(stage_s[r], denom, p);
     const int id = fallback ? r : stage_id[r];
-    if (active) {
-      out.values[token * p.top_k + r] = w;
-      if (out.index64) {
-        static_cast<int64_t*>(out.indices)[token * p.top_k + r] = id;
-      } else {
-        static_cast<int32_t*>(out.indices)[token * p.top_k + r] = id;
-      }
-      if (out.scores != nullptr) out.scores[token * p.num_experts + id] = w;
-    }
+    if (active) write_choice(out, token, p.top_k, p.num_experts, r, id, w);
   }
   __syncwarp();
 }
