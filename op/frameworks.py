@@ -115,15 +115,11 @@ def torch_new_empty(torch: Any, device: Any, specs: Sequence[OutputSpec | None])
     sizes bound as ints (no dtype, device or shape tuple to parse). The bound tensor has no elements, so a plan
     holds no device memory: a plan built while torch.compile's CUDA graphs warm up would otherwise keep a block of
     their private pool alive, which they refuse."""
-    makers = []
-    for spec in specs:
-        if spec is None:
-            makers.append(None)
-            continue
-        shape, dtype = spec
-        new_empty = torch.empty(0, dtype=getattr(torch, dtype), device=device).new_empty
-        makers.append(functools.partial(new_empty, *shape))
-    return assemble(makers)
+
+    def maker(shape: tuple[int, ...], dtype: str) -> Callable[[], Any]:
+        return functools.partial(torch.empty(0, dtype=getattr(torch, dtype), device=device).new_empty, *shape)
+
+    return assemble([None if spec is None else maker(*spec) for spec in specs])
 
 
 # Largest output whose template is a real tensor of its shape (see torch_empty_like): 16 KiB holds the scores of up
@@ -139,19 +135,16 @@ def torch_empty_like(torch: Any, device: Any, specs: Sequence[OutputSpec | None]
     view is an op. Small outputs get a dense template (its own storage); larger ones a one-element tensor expanded
     to the shape, which costs ``empty_like`` a stride check (about 0.06 us). Either way the result is a fresh
     contiguous tensor."""
-    makers = []
-    for spec in specs:
-        if spec is None:
-            makers.append(None)
-            continue
-        shape, dtype = spec
+
+    def maker(shape: tuple[int, ...], dtype: str) -> Callable[[], Any]:
         dtype = getattr(torch, dtype)
         if math.prod(shape) * dtype.itemsize <= DENSE_TEMPLATE_MAX_BYTES:
             template = torch.empty(shape, dtype=dtype, device=device)
         else:
             template = torch.empty((), dtype=dtype, device=device).expand(shape)
-        makers.append(functools.partial(torch.empty_like, template))
-    return assemble(makers)
+        return functools.partial(torch.empty_like, template)
+
+    return assemble([None if spec is None else maker(*spec) for spec in specs])
 
 
 def _numpy(tensor: Any) -> Adapter:
