@@ -18,7 +18,7 @@
 
 #include "cpu_route.h"
 
-#define FUSEDGATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi,bmi2")))
+#define FUSEDGATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,popcnt,bmi,bmi2")))
 
 namespace fusedgate {
 namespace cpu {
@@ -90,9 +90,9 @@ FUSEDGATE_AVX512 inline __m512 approx_sigmoid16(__m512 x) {
   const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f));
   const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 p = _mm512_set1_ps(0.07802805304527283f);
-  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.22607068717479706f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.6958274841308594f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.9999262094497681f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22607068717479706f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958274841308594f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999262094497681f));
   return _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, y)));
 }
 
@@ -267,99 +267,156 @@ FUSEDGATE_AVX512 inline void score_eight_groups(const float* key, int g0, int gr
   }
 }
 
+// Tokens routed together, phase by phase. One token's phases form a chain of dependent steps (bound, candidates,
+// exact keys, ranks, weights) too long for the processor to overlap with the next token's; a phase run over
+// several independent tokens keeps its units busy instead of waiting on that chain.
+constexpr int kBlockTokens = 8;
+
+// Per-token state carried from one phase of a block to the next.
 template <int V>
-FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t begin, int64_t end,
-                                 const float* filter_bias, float delta) {
-  alignas(64) float x[kRowCapacity];
-  alignas(64) float s[kRowCapacity];
-  alignas(64) float key[kRowCapacity];
+struct Block {
+  alignas(64) float x[kBlockTokens][kRowCapacity];  // 16-bit logits decoded
+  alignas(64) float s[kBlockTokens][kRowCapacity];  // exact sigmoids (group scoring)
+  alignas(64) float key[kBlockTokens][kRowCapacity];
+  alignas(64) int cand_pos[kBlockTokens][kRowCapacity + 16];
+  __m512 m[kBlockTokens][V];
+  __m512 cand_b[kBlockTokens], cand_s[kBlockTokens];
+  const float* logits[kBlockTokens];
+  Segment segments[kBlockTokens][kMaxGroups];
+  int count[kBlockTokens];
+  bool fallback[kBlockTokens];
+};
+
+// Rules 4-7 for a token whose candidates do not fit finish16 (or that falls back): exact order by rank or
+// insertion over candidate arrays.
+FUSEDGATE_AVX512 inline void finish_any(const Routing& p, const Buffers& io, int64_t t, const float* logits,
+                                        const float* s, const float* key, const int* pos, int count, bool fallback) {
   alignas(64) float cand_key[kRowCapacity];
   alignas(64) float cand_s[kRowCapacity];
-  alignas(64) int cand_pos[kRowCapacity + 16];
-  float group_scores[kMaxGroups];
-  int kept[kMaxGroups];
-  Segment segments[kMaxGroups];
   int chosen[kMaxTopK + 1];  // slot top_k takes the candidates ranked below it
   int ids[kMaxTopK];
   float weights[kMaxTopK];
-  const int E = p.experts, K = p.top_k, epg = p.experts_per_group;
-
-  for (int64_t t = begin; t < end; ++t) {
-    const float* logits = logits_row(p, io, t, x);
-    bool fallback = false;
-    int count;
-    __m512 m[V];
-    for (int v = 0; v < V; ++v) m[v] = _mm512_set1_ps(-kInf);
+  const int K = p.top_k;
+  if (!fallback) {
     if (p.score_groups) {
-      // Rules 1-2 for every expert.
-      for (int e = 0; e < E; e += 16) {
-        const __mmask16 lanes = first_lanes(E - e);
-        const __m512 se = sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
-        _mm512_storeu_ps(s + e, se);
-        _mm512_storeu_ps(key + e, routing_key16(_mm512_add_ps(se, _mm512_maskz_loadu_ps(lanes, io.bias + e))));
-      }
-      // Rule 3.
-      for (int g0 = 0; g0 < p.n_group; g0 += 8)
-        score_eight_groups(key, g0, std::min(8, p.n_group - g0), epg, group_scores);
-      fallback = keep_groups(p, group_scores, kept);
-      for (int k = 0; k < p.topk_group; ++k) segments[k] = Segment{kept[k] * epg, epg};
-      // Rule 4 on the exact keys.
-      lane_maxima<V>(key, segments, p.topk_group, m);
-      count = candidates<V>(key, segments, p.topk_group, m, K, 0.0f, cand_pos);
-      fallback |= count < K;
-      if (!fallback && count <= 16) {
-        const __mmask16 lanes = first_lanes(count);
-        const __m512i at = _mm512_maskz_loadu_epi32(lanes, cand_pos);
-        finish16(p, io, t, at, _mm512_mask_i32gather_ps(_mm512_set1_ps(-kInf), lanes, at, key, 4),
-                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, s, 4), count);
-        continue;
-      }
       for (int a = 0; a < count; ++a) {
-        cand_key[a] = key[cand_pos[a]];
-        cand_s[a] = s[cand_pos[a]];
+        cand_key[a] = key[pos[a]];
+        cand_s[a] = s[pos[a]];
       }
     } else {
-      // Approximate keys (filter_bias is -inf where the bias is not finite, so such experts never pass) and
-      // their lane maxima, V vectors taking chunks in turn.
-      for (int e = 0; e < E; e += 16) {
-        const __mmask16 lanes = first_lanes(E - e);
-        const __m512 approx = approx_sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
-        const __m512 k =
-            _mm512_mask_add_ps(_mm512_set1_ps(-kInf), lanes, approx, _mm512_maskz_loadu_ps(lanes, filter_bias + e));
-        _mm512_storeu_ps(key + e, k);
-        // A NaN key (max returns its second operand) leaves the maximum as it was.
-        m[(e / 16) % V] = _mm512_max_ps(k, m[(e / 16) % V]);
-      }
-      segments[0] = Segment{0, E};
-      count = candidates<V>(key, segments, 1, m, K, 2.0f * delta, cand_pos);
       // Rules 1-2, exactly, for the candidates alone.
       int valid = 0;
       for (int a = 0; a < count; a += 16) {
         const __mmask16 lanes = first_lanes(count - a);
-        const __m512i at = _mm512_maskz_loadu_epi32(lanes, cand_pos + a);
+        const __m512i at = _mm512_maskz_loadu_epi32(lanes, pos + a);
         const __m512 se = sigmoid16(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, logits, 4));
-        const __m512 b = _mm512_mask_mov_ps(
-            _mm512_set1_ps(-kInf), lanes,
-            routing_key16(_mm512_add_ps(se, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, io.bias, 4))));
-        valid += _mm_popcnt_u32(_mm512_cmp_ps_mask(b, _mm512_set1_ps(-kInf), _CMP_NEQ_OQ));
-        if (count <= 16) {
-          if (valid >= K) finish16(p, io, t, at, b, se, count);
-          break;
-        }
+        const __m512 b = routing_key16(_mm512_add_ps(se, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, io.bias, 4)));
+        valid += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(lanes, b, _mm512_set1_ps(-kInf), _CMP_NEQ_OQ));
         _mm512_storeu_ps(cand_s + a, se);
         _mm512_storeu_ps(cand_key + a, b);
       }
       fallback = valid < K;
-      if (!fallback && count <= 16) continue;
     }
-    if (!fallback) {
-      order_candidates(cand_key, count, K, chosen);
-      for (int r = 0; r < K; ++r) {
-        ids[r] = cand_pos[chosen[r]];
-        weights[r] = cand_s[chosen[r]];
+  }
+  if (!fallback) {
+    order_candidates(cand_key, count, K, chosen);
+    for (int r = 0; r < K; ++r) {
+      ids[r] = pos[chosen[r]];
+      weights[r] = cand_s[chosen[r]];
+    }
+  }
+  write_outputs(p, io, t, fallback, ids, weights);
+}
+
+template <int V>
+FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t begin, int64_t end,
+                                 const float* filter_bias, float delta) {
+  static thread_local Block<V> blk;
+  float group_scores[kMaxGroups];
+  int kept[kMaxGroups];
+  const int E = p.experts, K = p.top_k, epg = p.experts_per_group;
+  const int n_segments = p.score_groups ? p.topk_group : 1;
+  // Approximate keys may trail exact ones by delta: a margin of twice that keeps every expert the exact keys
+  // choose (cpu_route_avx512.h's header). Exact keys need none.
+  const float margin = p.score_groups ? 0.0f : 2.0f * delta;
+
+  for (int64_t t0 = begin; t0 < end; t0 += kBlockTokens) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlockTokens, end - t0));
+    // Keys (and, without group scoring, their lane maxima).
+    for (int j = 0; j < n; ++j) {
+      const float* logits = blk.logits[j] = logits_row(p, io, t0 + j, blk.x[j]);
+      float* key = blk.key[j];
+      __m512* m = blk.m[j];
+      for (int v = 0; v < V; ++v) m[v] = _mm512_set1_ps(-kInf);
+      blk.fallback[j] = false;
+      if (p.score_groups) {
+        // Rules 1-2 for every expert.
+        float* s = blk.s[j];
+        for (int e = 0; e < E; e += 16) {
+          const __mmask16 lanes = first_lanes(E - e);
+          const __m512 se = sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
+          _mm512_storeu_ps(s + e, se);
+          _mm512_storeu_ps(key + e, routing_key16(_mm512_add_ps(se, _mm512_maskz_loadu_ps(lanes, io.bias + e))));
+        }
+      } else {
+        // Approximate keys (filter_bias is -inf where the bias is not finite, so such experts never pass) and
+        // their lane maxima, V vectors taking chunks in turn.
+        for (int e = 0; e < E; e += 16) {
+          const __mmask16 lanes = first_lanes(E - e);
+          const __m512 approx = approx_sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
+          const __m512 k =
+              _mm512_mask_add_ps(_mm512_set1_ps(-kInf), lanes, approx, _mm512_maskz_loadu_ps(lanes, filter_bias + e));
+          _mm512_storeu_ps(key + e, k);
+          // A NaN key (max returns its second operand) leaves the maximum as it was.
+          m[(e / 16) % V] = _mm512_max_ps(k, m[(e / 16) % V]);
+        }
+        blk.segments[j][0] = Segment{0, E};
       }
     }
-    write_outputs(p, io, t, fallback, ids, weights);
+    if (p.score_groups) {
+      // Rule 3, then the kept groups' lane maxima.
+      for (int j = 0; j < n; ++j) {
+        for (int g0 = 0; g0 < p.n_group; g0 += 8)
+          score_eight_groups(blk.key[j], g0, std::min(8, p.n_group - g0), epg, group_scores);
+        blk.fallback[j] = keep_groups(p, group_scores, kept);
+        for (int k = 0; k < p.topk_group; ++k) blk.segments[j][k] = Segment{kept[k] * epg, epg};
+      }
+      for (int j = 0; j < n; ++j) lane_maxima<V>(blk.key[j], blk.segments[j], n_segments, blk.m[j]);
+    }
+    // Rule 4's candidates.
+    for (int j = 0; j < n; ++j) {
+      blk.count[j] = candidates<V>(blk.key[j], blk.segments[j], n_segments, blk.m[j], K, margin, blk.cand_pos[j]);
+      blk.fallback[j] |= blk.count[j] < K;
+    }
+    // Exact keys and sigmoids of up to 16 candidates, in registers.
+    for (int j = 0; j < n; ++j) {
+      if (blk.fallback[j] || blk.count[j] > 16) continue;
+      const __mmask16 lanes = first_lanes(blk.count[j]);
+      const __m512i at = _mm512_maskz_loadu_epi32(lanes, blk.cand_pos[j]);
+      if (p.score_groups) {
+        blk.cand_b[j] = _mm512_mask_i32gather_ps(_mm512_set1_ps(-kInf), lanes, at, blk.key[j], 4);
+        blk.cand_s[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, blk.s[j], 4);
+      } else {
+        // Rules 1-2, exactly, for the candidates alone.
+        const __m512 se = sigmoid16(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, blk.logits[j], 4));
+        const __m512 b = _mm512_mask_mov_ps(
+            _mm512_set1_ps(-kInf), lanes,
+            routing_key16(_mm512_add_ps(se, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, io.bias, 4))));
+        blk.fallback[j] = _mm_popcnt_u32(_mm512_cmp_ps_mask(b, _mm512_set1_ps(-kInf), _CMP_NEQ_OQ)) < K;
+        blk.cand_b[j] = b;
+        blk.cand_s[j] = se;
+      }
+    }
+    // Rules 4-7.
+    for (int j = 0; j < n; ++j) {
+      const int count = blk.count[j];
+      if (!blk.fallback[j] && count <= 16) {
+        finish16(p, io, t0 + j, _mm512_maskz_loadu_epi32(first_lanes(count), blk.cand_pos[j]), blk.cand_b[j],
+                 blk.cand_s[j], count);
+      } else {
+        finish_any(p, io, t0 + j, blk.logits[j], blk.s[j], blk.key[j], blk.cand_pos[j], count, blk.fallback[j]);
+      }
+    }
   }
 }
 
