@@ -1,4 +1,4 @@
-// Path `cpu_kernel`'s per-token loop for processors with AVX-512 (F, BW, DQ, VL), chosen at run time. It gives
+// Path `cpu_kernel`'s per-token loop for processors with AVX-512 (F, BW, CD, DQ, VL), chosen at run time. It gives
 // the bits of the portable loop (cpu_route_portable.h): every s and b it outputs or ranks by is computed by the
 // same operations in the same order, and the selection is exact.
 //
@@ -18,7 +18,7 @@
 
 #include "cpu_route.h"
 
-#define FUSEDGATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,popcnt,bmi,bmi2")))
+#define FUSEDGATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512cd,avx512dq,avx512vl,fma,popcnt,bmi,bmi2")))
 
 namespace fusedgate {
 namespace cpu {
@@ -30,12 +30,13 @@ constexpr float kApproxError = 0x1p-12f;
 
 inline bool supported() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
 }
 
-// The bias the approximate keys add (-inf where it is not finite, so such experts never pass), and the
-// approximate keys' distance from the exact ones: the sigmoid's error, and the rounding of a sum as large as
-// 1 + |bias| (an ulp of it, twice over, with a margin of two).
+// The bias the approximate keys add (-inf where it is not finite, so such experts never pass, and from the end of
+// the row to the next multiple of 16), and the approximate keys' distance from the exact ones: the sigmoid's
+// error, and the rounding of a sum as large as 1 + |bias| (an ulp of it, twice over, with a margin of two).
 inline float prepare_filter(const float* bias, int experts, float* filter_bias) {
   float largest = 0.0f;
   for (int e = 0; e < experts; ++e) {
@@ -43,6 +44,7 @@ inline float prepare_filter(const float* bias, int experts, float* filter_bias) 
     filter_bias[e] = finite ? bias[e] : -kInf;
     largest = finite ? max_f(largest, std::fabs(bias[e])) : largest;
   }
+  for (int e = experts; e % 16 != 0; ++e) filter_bias[e] = -kInf;
   return kApproxError + (1.0f + largest) * 0x1p-21f;
 }
 
@@ -132,19 +134,22 @@ struct Segment {
 };
 
 // Lane maxima of `key` over the segments, V vectors of 16 lanes taking chunks in turn, each lane a distinct
-// expert.
+// expert. They are kept in registers until the end: `m` may alias the keys, so updating it in place would make a
+// chain through memory.
 template <int V>
 FUSEDGATE_AVX512 inline void lane_maxima(const float* key, const Segment* segments, int n_segments, __m512* m) {
-  for (int v = 0; v < V; ++v) m[v] = _mm512_set1_ps(-kInf);
+  __m512 top[V];
+  for (int v = 0; v < V; ++v) top[v] = _mm512_set1_ps(-kInf);
   int v = 0;
   for (int k = 0; k < n_segments; ++k) {
     for (int i = 0; i < segments[k].size; i += 16) {
       const __mmask16 lanes = first_lanes(segments[k].size - i);
       // Masked-off lanes and NaN keys (max returns its second operand) leave the maximum as it was.
-      m[v] = _mm512_mask_max_ps(m[v], lanes, _mm512_maskz_loadu_ps(lanes, key + segments[k].first + i), m[v]);
+      top[v] = _mm512_mask_max_ps(top[v], lanes, _mm512_maskz_loadu_ps(lanes, key + segments[k].first + i), top[v]);
       v = v + 1 == V ? 0 : v + 1;
     }
   }
+  for (int w = 0; w < V; ++w) m[w] = top[w];
 }
 
 // The positions of the segments' keys at or above `margin` below the top_k-th largest of the lane maxima `m`.
@@ -166,6 +171,23 @@ FUSEDGATE_AVX512 inline int candidates(const float* key, const Segment* segments
   return count;
 }
 
+// candidates() for a whole row whose keys are padded with -inf to a multiple of 16: no segment or lane mask to
+// work out per chunk.
+template <int V>
+FUSEDGATE_AVX512 inline int row_candidates(const float* key, int experts, const __m512* m, int top_k, float margin,
+                                           int* pos) {
+  const __m512 threshold = _mm512_set1_ps(max_f(kth_largest<V>(m, top_k) - margin, -kMaxFinite));
+  __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int count = 0;
+  for (int base = 0; base < experts; base += 16) {
+    const __mmask16 take = _mm512_cmp_ps_mask(_mm512_load_ps(key + base), threshold, _CMP_GE_OQ);
+    _mm512_storeu_si512(pos + count, _mm512_maskz_compress_epi32(take, lanes));
+    count += _mm_popcnt_u32(take);
+    lanes = _mm512_add_epi32(lanes, _mm512_set1_epi32(16));
+  }
+  return count;
+}
+
 // Rules 4-6 for token t from at most 16 candidates, all in registers: their positions `pos`, exact keys `keys`
 // (-inf past `count`) and sigmoids `s`. Each lane's rank grows in one step per rival (a higher key, or an equal
 // one at a lower index); the inverse of the ranks then orders positions and sigmoids, and the weights follow with
@@ -176,12 +198,23 @@ FUSEDGATE_AVX512 inline void finish16(const Routing& p, const Buffers& io, int64
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i one = _mm512_set1_epi32(1);
   __m512i rank = _mm512_setzero_si512();
-  for (int d = 0; d < count; ++d) {
-    const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(d), keys);
-    const __mmask16 later = static_cast<__mmask16>(0xfffeu << d);
-    const __mmask16 beaten =
-        _mm512_cmp_ps_mask(rival, keys, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, rival, keys, _CMP_EQ_OQ);
-    rank = _mm512_mask_add_epi32(rank, beaten, rank, one);
+  // Equal keys have equal bits here (a key is never NaN, and never -0: s >= +0, and s + bias rounds an exact zero
+  // to +0), so the conflict check finds every tie. Without one, the index rule cannot apply and a rival counts
+  // by its key alone, which saves two of a step's five operations.
+  const __m512i equal_before = _mm512_maskz_conflict_epi32(first_lanes(count), _mm512_castps_si512(keys));
+  if (_mm512_test_epi32_mask(equal_before, equal_before) == 0) {
+    for (int d = 0; d < count; ++d) {
+      const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(d), keys);
+      rank = _mm512_mask_add_epi32(rank, _mm512_cmp_ps_mask(rival, keys, _CMP_GT_OQ), rank, one);
+    }
+  } else {
+    for (int d = 0; d < count; ++d) {
+      const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(d), keys);
+      const __mmask16 later = static_cast<__mmask16>(0xfffeu << d);
+      const __mmask16 beaten =
+          _mm512_cmp_ps_mask(rival, keys, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, rival, keys, _CMP_EQ_OQ);
+      rank = _mm512_mask_add_epi32(rank, beaten, rank, one);
+    }
   }
   // order[r] = the candidate of rank r.
   __m512i order = _mm512_setzero_si512();
@@ -359,17 +392,20 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
           _mm512_storeu_ps(key + e, routing_key16(_mm512_add_ps(se, _mm512_maskz_loadu_ps(lanes, io.bias + e))));
         }
       } else {
-        // Approximate keys (filter_bias is -inf where the bias is not finite, so such experts never pass) and
-        // their lane maxima, V vectors taking chunks in turn.
+        // Approximate keys (filter_bias is -inf where the bias is not finite, so such experts never pass, and
+        // past the row, so the last chunk's spare lanes hold -inf) and their lane maxima, V vectors taking chunks
+        // in turn, kept in registers (as in lane_maxima()).
+        __m512 top[V];
+        for (int v = 0; v < V; ++v) top[v] = _mm512_set1_ps(-kInf);
         for (int e = 0; e < E; e += 16) {
           const __mmask16 lanes = first_lanes(E - e);
           const __m512 approx = approx_sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
-          const __m512 k =
-              _mm512_mask_add_ps(_mm512_set1_ps(-kInf), lanes, approx, _mm512_maskz_loadu_ps(lanes, filter_bias + e));
-          _mm512_storeu_ps(key + e, k);
+          const __m512 k = _mm512_add_ps(approx, _mm512_load_ps(filter_bias + e));
+          _mm512_store_ps(key + e, k);
           // A NaN key (max returns its second operand) leaves the maximum as it was.
-          m[(e / 16) % V] = _mm512_max_ps(k, m[(e / 16) % V]);
+          top[(e / 16) % V] = _mm512_max_ps(k, top[(e / 16) % V]);
         }
+        for (int v = 0; v < V; ++v) m[v] = top[v];
         blk.segments[j][0] = Segment{0, E};
       }
     }
@@ -385,7 +421,9 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
     }
     // Rule 4's candidates.
     for (int j = 0; j < n; ++j) {
-      blk.count[j] = candidates<V>(blk.key[j], blk.segments[j], n_segments, blk.m[j], K, margin, blk.cand_pos[j]);
+      blk.count[j] = p.score_groups
+                         ? candidates<V>(blk.key[j], blk.segments[j], n_segments, blk.m[j], K, margin, blk.cand_pos[j])
+                         : row_candidates<V>(blk.key[j], E, blk.m[j], K, margin, blk.cand_pos[j]);
       blk.fallback[j] |= blk.count[j] < K;
     }
     // Exact keys and sigmoids of up to 16 candidates, in registers.
