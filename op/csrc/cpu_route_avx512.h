@@ -229,14 +229,13 @@ FUSEDGATE_AVX512 inline int row_candidates(const float* key, int experts, const 
   return count;
 }
 
-// Rules 4-6 for token t from at most 16 candidates, all in registers: their positions `pos`, exact keys `keys`
-// (-inf past `count`) and sigmoids `s`. Each lane's rank grows in one step per rival (a higher key, or an equal
-// one at a lower index); the inverse of the ranks then orders positions and sigmoids, and the weights follow with
-// the same operations, in the same order, as write_outputs().
-FUSEDGATE_AVX512 inline void finish16(const Routing& p, const Buffers& io, int64_t t, __m512i pos, __m512 keys,
-                                      __m512 s, int count) {
-  const int K = p.top_k;
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+// Rules 4-6 for a token's at most 16 candidates, all in vectors, in three steps that a block of tokens takes in
+// turn (route_rows()). Each step reads what the one before stored, so its rivals and sums come from memory by
+// broadcast loads instead of lane permutations, which compete for the shuffle unit.
+
+// Rule 4's rank of each candidate (exact keys `keys`, -inf past `count`, also stored at `key_lanes`): one step per
+// rival, counting a higher key, or an equal one at a lower index.
+FUSEDGATE_AVX512 inline __m512i rank16(__m512 keys, const float* key_lanes, int count) {
   const __m512i one = _mm512_set1_epi32(1);
   __m512i rank = _mm512_setzero_si512();
   // Equal keys have equal bits here (a key is never NaN, and never -0: s >= +0, and s + bias rounds an exact zero
@@ -244,31 +243,42 @@ FUSEDGATE_AVX512 inline void finish16(const Routing& p, const Buffers& io, int64
   // by its key alone, which saves two of a step's five operations.
   const __m512i equal_before = _mm512_maskz_conflict_epi32(first_lanes(count), _mm512_castps_si512(keys));
   if (_mm512_test_epi32_mask(equal_before, equal_before) == 0) {
-    for (int d = 0; d < count; ++d) {
-      const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(d), keys);
-      rank = _mm512_mask_add_epi32(rank, _mm512_cmp_ps_mask(rival, keys, _CMP_GT_OQ), rank, one);
-    }
+    for (int d = 0; d < count; ++d)
+      rank = _mm512_mask_add_epi32(rank, _mm512_cmp_ps_mask(_mm512_set1_ps(key_lanes[d]), keys, _CMP_GT_OQ), rank, one);
   } else {
     for (int d = 0; d < count; ++d) {
-      const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(d), keys);
+      const __m512 rival = _mm512_set1_ps(key_lanes[d]);
       const __mmask16 later = static_cast<__mmask16>(0xfffeu << d);
       const __mmask16 beaten =
           _mm512_cmp_ps_mask(rival, keys, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, rival, keys, _CMP_EQ_OQ);
       rank = _mm512_mask_add_epi32(rank, beaten, rank, one);
     }
   }
+  return rank;
+}
+
+// The candidates' positions `pos` and sigmoids `s` in output order, by inverting the ranks stored at `rank_lanes`.
+FUSEDGATE_AVX512 inline void order16(const int* rank_lanes, int count, __m512i pos, __m512 s, __m512i* ids,
+                                     __m512* chosen_s) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // order[r] = the candidate of rank r.
   __m512i order = _mm512_setzero_si512();
-  for (int a = 0; a < count; ++a) {
-    const __mmask16 slot = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(_mm512_set1_epi32(a), rank), iota);
-    order = _mm512_mask_mov_epi32(order, slot, _mm512_set1_epi32(a));
-  }
-  const __m512i ids = _mm512_permutexvar_epi32(order, pos);
-  const __m512 chosen_s = _mm512_permutexvar_ps(order, s);
-  // Rule 5, the sum in output order: lane 0 adds the weights one by one.
-  __m512 sum = chosen_s;
-  for (int r = 1; r < K; ++r) sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(_mm512_set1_epi32(r), chosen_s));
-  const __m512 denom = _mm512_permutexvar_ps(_mm512_setzero_si512(), _mm512_add_ps(sum, _mm512_set1_ps(1e-20f)));
+  for (int a = 0; a < count; ++a)
+    order = _mm512_mask_mov_epi32(order, _mm512_cmpeq_epi32_mask(_mm512_set1_epi32(rank_lanes[a]), iota),
+                                  _mm512_set1_epi32(a));
+  *ids = _mm512_permutexvar_epi32(order, pos);
+  *chosen_s = _mm512_permutexvar_ps(order, s);
+}
+
+// Rules 5-6 for token t from the chosen ids and sigmoids in output order (the sigmoids also stored at
+// `chosen_lanes`), with the operations of write_outputs() in the same order.
+FUSEDGATE_AVX512 inline void write16(const Routing& p, const Buffers& io, int64_t t, __m512i ids, __m512 chosen_s,
+                                     const float* chosen_lanes) {
+  const int K = p.top_k;
+  // Rule 5, the sum in output order.
+  float sum = chosen_lanes[0];
+  for (int r = 1; r < K; ++r) sum += chosen_lanes[r];
+  const __m512 denom = _mm512_set1_ps(sum + 1e-20f);
   const __m512 w = _mm512_mul_ps(p.renormalize ? _mm512_div_ps(chosen_s, denom) : chosen_s, _mm512_set1_ps(p.scale));
   const __mmask16 outputs = first_lanes(K);
   _mm512_mask_storeu_ps(io.values + t * K, outputs, w);
@@ -354,7 +364,10 @@ struct Block {
   alignas(64) float key[kBlockTokens][kRowCapacity];
   alignas(64) int cand_pos[kBlockTokens][kRowCapacity + 16];
   __m512 m[kBlockTokens][V];
-  __m512 cand_b[kBlockTokens], cand_s[kBlockTokens];
+  __m512 cand_b[kBlockTokens], cand_s[kBlockTokens];  // candidates' exact keys and sigmoids
+  __m512i rank[kBlockTokens];
+  __m512i ids[kBlockTokens];
+  __m512 chosen_s[kBlockTokens];  // in output order
   const float* logits[kBlockTokens];
   Segment segments[kBlockTokens][kMaxGroups];
   int count[kBlockTokens];
@@ -369,7 +382,7 @@ __attribute__((noinline)) Block<V>& thread_block() {
   return block;
 }
 
-// Rules 4-7 for a token whose candidates do not fit finish16 (or that falls back): exact order by rank or
+// Rules 4-7 for a token with more than 16 candidates (or that falls back): exact order by rank or
 // insertion over candidate arrays.
 FUSEDGATE_AVX512 inline void finish_any(const Routing& p, const Buffers& io, int64_t t, const float* logits,
                                         const float* s, const float* key, const int* pos, int count, bool fallback) {
@@ -494,12 +507,22 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
         blk.cand_s[j] = se;
       }
     }
-    // Rules 4-7.
+    // Rules 4-7: up to 16 candidates in vectors, in three steps; more, or the fallback, by finish_any().
+    for (int j = 0; j < n; ++j) {
+      if (!blk.fallback[j] && blk.count[j] <= 16)
+        blk.rank[j] = rank16(blk.cand_b[j], reinterpret_cast<const float*>(&blk.cand_b[j]), blk.count[j]);
+    }
+    for (int j = 0; j < n; ++j) {
+      const int count = blk.count[j];
+      if (!blk.fallback[j] && count <= 16)
+        order16(reinterpret_cast<const int*>(&blk.rank[j]), count,
+                _mm512_maskz_loadu_epi32(first_lanes(count), blk.cand_pos[j]), blk.cand_s[j], &blk.ids[j],
+                &blk.chosen_s[j]);
+    }
     for (int j = 0; j < n; ++j) {
       const int count = blk.count[j];
       if (!blk.fallback[j] && count <= 16) {
-        finish16(p, io, t0 + j, _mm512_maskz_loadu_epi32(first_lanes(count), blk.cand_pos[j]), blk.cand_b[j],
-                 blk.cand_s[j], count);
+        write16(p, io, t0 + j, blk.ids[j], blk.chosen_s[j], reinterpret_cast<const float*>(&blk.chosen_s[j]));
       } else {
         finish_any(p, io, t0 + j, blk.logits[j], blk.s[j], blk.key[j], blk.cand_pos[j], count, blk.fallback[j]);
       }
