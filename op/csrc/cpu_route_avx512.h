@@ -306,10 +306,10 @@ FUSEDGATE_AVX512 inline void merge_top2(__m512& a1, __m512& b1, __m512 a2, __m51
   a1 = high;
 }
 
-// Rule 3's group scores for up to 8 groups starting at group g0: each group's chunks fold into a per-lane top two,
-// then a tree of merges halves the lanes per group while doubling the groups per vector, until each group's
-// summary sits in two lanes of one vector.
-FUSEDGATE_AVX512 inline void score_eight_groups(const float* key, int g0, int groups, int epg, float* scores) {
+// Rule 3's group scores for up to 8 groups starting at group g0, returned in lanes 0-7 (those past `groups` hold
+// no group): each group's chunks fold into a per-lane top two, then a tree of merges halves the lanes per group
+// while doubling the groups per vector, until each group's summary sits in two lanes of one vector.
+FUSEDGATE_AVX512 inline __m512 score_eight_groups(const float* key, int g0, int groups, int epg) {
   __m512 a[8], b[8];
   for (int g = 0; g < 8; ++g) {
     a[g] = b[g] = _mm512_set1_ps(-kInf);
@@ -342,13 +342,29 @@ FUSEDGATE_AVX512 inline void score_eight_groups(const float* key, int g0, int gr
   merge_top2(x_a, x_b, y_a, y_b);
   // 2 -> 1: neighbouring lanes.
   merge_top2(x_a, x_b, _mm512_permute_ps(x_a, 0xb1), _mm512_permute_ps(x_b, 0xb1));
-  alignas(64) float top1[16], top2[16];
-  _mm512_store_ps(top1, x_a);
-  _mm512_store_ps(top2, x_b);
-  for (int g = 0; g < groups; ++g) {
-    const int lane = g < 4 ? 4 * g : 4 * (g - 4) + 2;
-    scores[g0 + g] = epg == 1 ? top1[lane] : top1[lane] + top2[lane];
+  // Group g's summary lies in lane 4g for g < 4, and in lane 4(g - 4) + 2 above.
+  const __m512i summary = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512 top1 = _mm512_permutexvar_ps(summary, x_a);
+  return epg == 1 ? top1 : _mm512_add_ps(top1, _mm512_permutexvar_ps(summary, x_b));
+}
+
+// keep_groups() for up to 8 groups whose scores lie in lanes 0-7 of `scores` (none NaN), ranked in vectors: the
+// scalar loop's n_group^2 compares and loads cost more than the rest of the group choice.
+FUSEDGATE_AVX512 inline bool keep_eight_groups(const Routing& p, __m512 scores, int* kept) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i rank = _mm512_setzero_si512();
+  for (int h = 0; h < p.n_group; ++h) {
+    const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(h), scores);
+    const __mmask16 later = static_cast<__mmask16>(0xfffeu << h);
+    const __mmask16 beaten =
+        _mm512_cmp_ps_mask(rival, scores, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, rival, scores, _CMP_EQ_OQ);
+    rank = _mm512_mask_add_epi32(rank, beaten, rank, one);
   }
+  const __mmask16 keep = _mm512_mask_cmplt_epi32_mask(first_lanes(p.n_group), rank, _mm512_set1_epi32(p.topk_group));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept), _mm512_castsi512_si256(_mm512_maskz_compress_epi32(keep, iota)));
+  // Rule 7: a kept group scored -inf.
+  return _mm512_mask_cmp_ps_mask(keep, scores, _mm512_set1_ps(-kInf), _CMP_EQ_OQ) != 0;
 }
 
 // Tokens routed together, phase by phase. One token's phases form a chain of dependent steps (bound, candidates,
@@ -474,9 +490,14 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
     if (p.score_groups) {
       // Rule 3, then the kept groups' lane maxima.
       for (int j = 0; j < n; ++j) {
-        for (int g0 = 0; g0 < p.n_group; g0 += 8)
-          score_eight_groups(blk.key[j], g0, std::min(8, p.n_group - g0), epg, group_scores);
-        blk.fallback[j] = keep_groups(p, group_scores, kept);
+        if (p.n_group <= 8) {
+          blk.fallback[j] = keep_eight_groups(p, score_eight_groups(blk.key[j], 0, p.n_group, epg), kept);
+        } else {
+          for (int g0 = 0; g0 < p.n_group; g0 += 8)
+            _mm256_storeu_ps(group_scores + g0,
+                             _mm512_castps512_ps256(score_eight_groups(blk.key[j], g0, std::min(8, p.n_group - g0), epg)));
+          blk.fallback[j] = keep_groups(p, group_scores, kept);
+        }
         for (int k = 0; k < p.topk_group; ++k) blk.segments[j][k] = Segment{kept[k] * epg, epg};
       }
       for (int j = 0; j < n; ++j) lane_maxima<V>(blk.key[j], blk.segments[j], n_segments, blk.m[j]);
