@@ -457,8 +457,6 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
     for (int j = 0; j < n; ++j) {
       const float* logits = blk.logits[j] = logits_row(p, io, t0 + j, blk.x[j]);
       float* key = blk.key[j];
-      __m512* m = blk.m[j];
-      for (int v = 0; v < V; ++v) m[v] = _mm512_set1_ps(-kInf);
       blk.fallback[j] = false;
       if (p.score_groups) {
         // Rules 1-2 for every expert.
@@ -483,7 +481,7 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
           // A NaN key (max returns its second operand) leaves the maximum as it was.
           top[(e / 16) % V] = _mm512_max_ps(k, top[(e / 16) % V]);
         }
-        for (int v = 0; v < V; ++v) m[v] = top[v];
+        for (int v = 0; v < V; ++v) blk.m[j][v] = top[v];
         blk.segments[j][0] = Segment{0, E};
       }
     }
