@@ -57,3 +57,39 @@ def test_an_expert_the_approximate_keys_rank_second_is_still_chosen(avx512):
     _, _, expected = reference.grouped_topk(x, bias, 1, 1, 1, True, 1.0)
     assert expected.tolist() == [[3]]
     assert ids.tolist() == [[3]]
+
+
+@pytest.mark.parametrize("loop", ["avx512", "portable"])
+def test_every_lane_maximum_up_to_the_top_k_th_is_needed(loop, monkeypatch):
+    """top_k = 32 from 64 experts, each of the 32 chosen the largest of its lane and the others far below, in both
+    loops' lane layouts: the selection bound must be exactly the 32nd largest lane maximum, or the last expert is
+    left out and the row falls back."""
+    monkeypatch.setenv(ISA_ENV, loop)
+    if library().cpu_isa() != loop:
+        pytest.skip("this processor has no AVX-512")
+    x = np.full((1, 64), -4.0, np.float32)
+    x[0, 32:] = np.linspace(4.0, 2.0, 32, dtype=np.float32)
+    bias = np.zeros(64, np.float32)
+    got = grouped_topk(x, bias, 1, 1, 32, True, 1.0, num_threads=1)
+    want = reference.grouped_topk(x, bias, 1, 1, 32, True, 1.0)
+    assert want[2].tolist() == [list(range(32, 64))]
+    assert got[2].tolist() == want[2].tolist()
+    assert np.allclose(got[1], want[1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("loop", ["avx512", "portable"])
+def test_the_bound_is_the_top_k_th_lane_maximum_in_any_lane_order(loop, monkeypatch):
+    """top_k = 8 of 128 experts; the 16 lane maxima (experts 0-15 in both loops' layouts) at distinct levels in
+    twenty orders, every other expert far below: a bound above the 8th largest maximum leaves an expert out."""
+    monkeypatch.setenv(ISA_ENV, loop)
+    if library().cpu_isa() != loop:
+        pytest.skip("this processor has no AVX-512")
+    levels = np.linspace(4.0, 1.0, 16, dtype=np.float32)
+    x = np.full((20, 128), -4.0, np.float32)
+    for row in range(20):
+        x[row, :16] = levels[np.random.default_rng(row).permutation(16)]
+    bias = np.zeros(128, np.float32)
+    got = grouped_topk(x, bias, 1, 1, 8, True, 1.0, num_threads=1)
+    want = reference.grouped_topk(x, bias, 1, 1, 8, True, 1.0)
+    assert np.array_equal(got[2], want[2])
+    assert np.allclose(got[1], want[1], rtol=1e-5, atol=0)

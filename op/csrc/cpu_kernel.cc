@@ -35,8 +35,9 @@ using tvm::ffi::TensorView;
 
 constexpr int kMaxThreads = 1024;
 // Below this many experts (rows x E) per thread, a thread costs more than it saves. On the shared 2-core x86-64
-// machine, with the pool's threads already running, two threads gained 1.0-1.7x at 1024 tokens of 128 to 384
-// experts (0.2-0.5 ms of work) and 1.7-1.9x at 4096; below that the wake-up and a busy second core eat the gain.
+// machine, with the pool's workers spinning between calls, two threads gained 1.3-1.9x at 1024 tokens of 128 to
+// 384 experts (0.1-0.4 ms of work) and 1.6-2.3x at 4096; below that the hand-over and a busy second core eat the
+// gain.
 constexpr int64_t kMinExpertsPerThread = 1 << 16;
 
 enum class Isa { kPortable, kAvx512 };

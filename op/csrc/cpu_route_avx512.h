@@ -1,4 +1,4 @@
-// Path `cpu_kernel`'s per-token loop for processors with AVX-512 (F, BW, DQ, VL), chosen at run time. It gives
+// Path `cpu_kernel`'s per-token loop for processors with AVX-512 (F, BW, CD, DQ, VL), chosen at run time. It gives
 // the bits of the portable loop (cpu_route_portable.h): every s and b it outputs or ranks by is computed by the
 // same operations in the same order, and the selection is exact.
 //
@@ -18,7 +18,7 @@
 
 #include "cpu_route.h"
 
-#define FUSEDGATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi,bmi2")))
+#define FUSEDGATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512cd,avx512dq,avx512vl,fma,popcnt,bmi,bmi2")))
 
 namespace fusedgate {
 namespace cpu {
@@ -30,12 +30,13 @@ constexpr float kApproxError = 0x1p-12f;
 
 inline bool supported() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
 }
 
-// The bias the approximate keys add (-inf where it is not finite, so such experts never pass), and the
-// approximate keys' distance from the exact ones: the sigmoid's error, and the rounding of a sum as large as
-// 1 + |bias| (an ulp of it, twice over, with a margin of two).
+// The bias the approximate keys add (-inf where it is not finite, so such experts never pass, and from the end of
+// the row to the next multiple of 16), and the approximate keys' distance from the exact ones: the sigmoid's
+// error, and the rounding of a sum as large as 1 + |bias| (an ulp of it, twice over, with a margin of two).
 inline float prepare_filter(const float* bias, int experts, float* filter_bias) {
   float largest = 0.0f;
   for (int e = 0; e < experts; ++e) {
@@ -43,6 +44,7 @@ inline float prepare_filter(const float* bias, int experts, float* filter_bias) 
     filter_bias[e] = finite ? bias[e] : -kInf;
     largest = finite ? max_f(largest, std::fabs(bias[e])) : largest;
   }
+  for (int e = experts; e % 16 != 0; ++e) filter_bias[e] = -kInf;
   return kApproxError + (1.0f + largest) * 0x1p-21f;
 }
 
@@ -82,39 +84,80 @@ FUSEDGATE_AVX512 inline __m512 routing_key16(__m512 b) {
 }
 
 // s within kApproxError of the exact sigmoid (4.4e-5 at most over every float input, checked exhaustively), NaN
-// for NaN. Logits are clamped to [-30, 30], which moves s by less than 1e-13; exp(-x) = 2^y is p(f) * 2^floor(y)
-// with f = y - floor(y) and p a cubic fitted to 2^f (scalef floors its exponent itself).
+// for NaN. exp(-x) = 2^y is p(f) * 2^floor(y) with f = y - floor(y) and p a cubic fitted to 2^f. No clamp is
+// needed: reduce gives f = 0 for every integral y (all |y| >= 2^23, and +-inf), and scalef floors its exponent
+// itself and saturates to 0 or +inf, whence s = 1 or 0.
 FUSEDGATE_AVX512 inline __m512 approx_sigmoid16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-30.0f), x);
-  x = _mm512_min_ps(_mm512_set1_ps(30.0f), x);
   const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f));
   const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 p = _mm512_set1_ps(0.07802805304527283f);
-  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.22607068717479706f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.6958274841308594f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(0.9999262094497681f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22607068717479706f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958274841308594f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999262094497681f));
   return _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, y)));
 }
 
-// The top_k-th largest of the 16 or 32 lanes of `m` (-inf lanes hold no valid key): the smallest of the lanes
-// with fewer than top_k lanes above them. Clamped to -FLT_MAX, so that it never admits an invalid key.
+// Lanes where a bitonic network's step (k, j) keeps the larger of lanes i and i ^ j: the lower lane of a pair in a
+// block of k sorted downwards (i & k == 0), the upper one in a block sorted upwards.
+constexpr __mmask16 bitonic_keeps_max(int k, int j) {
+  unsigned mask = 0;
+  for (int i = 0; i < 16; ++i) mask |= static_cast<unsigned>(((i & j) == 0) == ((i & k) == 0)) << i;
+  return static_cast<__mmask16>(mask);
+}
+
+template <int K, int J>
+FUSEDGATE_AVX512 inline __m512 bitonic_step(__m512 v) {
+  __m512 other;
+  if constexpr (J == 1) {
+    other = _mm512_permute_ps(v, 0xb1);
+  } else if constexpr (J == 2) {
+    other = _mm512_permute_ps(v, 0x4e);
+  } else if constexpr (J == 4) {
+    other = _mm512_shuffle_f32x4(v, v, 0xb1);
+  } else {
+    other = _mm512_shuffle_f32x4(v, v, 0x4e);
+  }
+  return _mm512_mask_blend_ps(bitonic_keeps_max(K, J), _mm512_min_ps(v, other), _mm512_max_ps(v, other));
+}
+
+// The 16 lanes of v in descending order (none is NaN): 40 operations against 56 for ranking each lane by counting.
+FUSEDGATE_AVX512 inline __m512 sort16_descending(__m512 v) {
+  v = bitonic_step<2, 1>(v);
+  v = bitonic_step<4, 2>(v);
+  v = bitonic_step<4, 1>(v);
+  v = bitonic_step<8, 4>(v);
+  v = bitonic_step<8, 2>(v);
+  v = bitonic_step<8, 1>(v);
+  v = bitonic_step<16, 8>(v);
+  v = bitonic_step<16, 4>(v);
+  v = bitonic_step<16, 2>(v);
+  return bitonic_step<16, 1>(v);
+}
+
+// The top_k-th largest of the 16 or 32 lanes of `m` (-inf lanes hold no valid key; no lane is NaN): the smallest
+// of the lanes with fewer than top_k lanes above them. Clamped to -FLT_MAX, so that it never admits an invalid key.
 template <int V>
 FUSEDGATE_AVX512 inline float kth_largest(const __m512* m, int top_k) {
-  // Lanes are broadcast within registers: scalar loads of a vector just stored would wait for the store.
-  __m512i above[V];
-  for (int v = 0; v < V; ++v) above[v] = _mm512_setzero_si512();
-  const __m512i one = _mm512_set1_epi32(1);
-  for (int b = 0; b < 16 * V; ++b) {
-    const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(b % 16), m[b / 16]);
-    for (int v = 0; v < V; ++v)
-      above[v] = _mm512_mask_add_epi32(above[v], _mm512_cmp_ps_mask(rival, m[v], _CMP_GT_OQ), above[v], one);
+  if constexpr (V == 1) {
+    const __m512 sorted = sort16_descending(m[0]);
+    return max_f(_mm512_cvtss_f32(_mm512_permutexvar_ps(_mm512_set1_epi32(top_k - 1), sorted)), -kMaxFinite);
+  } else {
+    // Lanes are broadcast within registers: scalar loads of a vector just stored would wait for the store.
+    __m512i above[V];
+    for (int v = 0; v < V; ++v) above[v] = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int b = 0; b < 16 * V; ++b) {
+      const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(b % 16), m[b / 16]);
+      for (int v = 0; v < V; ++v)
+        above[v] = _mm512_mask_add_epi32(above[v], _mm512_cmp_ps_mask(rival, m[v], _CMP_GT_OQ), above[v], one);
+    }
+    __m512 bound = _mm512_set1_ps(kInf);
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 within = _mm512_cmplt_epi32_mask(above[v], _mm512_set1_epi32(top_k));
+      bound = _mm512_mask_min_ps(bound, within, bound, m[v]);
+    }
+    return max_f(_mm512_reduce_min_ps(bound), -kMaxFinite);
   }
-  __m512 bound = _mm512_set1_ps(kInf);
-  for (int v = 0; v < V; ++v) {
-    const __mmask16 within = _mm512_cmplt_epi32_mask(above[v], _mm512_set1_epi32(top_k));
-    bound = _mm512_mask_min_ps(bound, within, bound, m[v]);
-  }
-  return max_f(_mm512_reduce_min_ps(bound), -kMaxFinite);
 }
 
 // Appends the positions [base, base + 16) whose lane is set in `take` to `pos` with a full vector store (pos
@@ -132,19 +175,22 @@ struct Segment {
 };
 
 // Lane maxima of `key` over the segments, V vectors of 16 lanes taking chunks in turn, each lane a distinct
-// expert.
+// expert. They are kept in registers until the end: `m` may alias the keys, so updating it in place would make a
+// chain through memory.
 template <int V>
 FUSEDGATE_AVX512 inline void lane_maxima(const float* key, const Segment* segments, int n_segments, __m512* m) {
-  for (int v = 0; v < V; ++v) m[v] = _mm512_set1_ps(-kInf);
+  __m512 top[V];
+  for (int v = 0; v < V; ++v) top[v] = _mm512_set1_ps(-kInf);
   int v = 0;
   for (int k = 0; k < n_segments; ++k) {
     for (int i = 0; i < segments[k].size; i += 16) {
       const __mmask16 lanes = first_lanes(segments[k].size - i);
       // Masked-off lanes and NaN keys (max returns its second operand) leave the maximum as it was.
-      m[v] = _mm512_mask_max_ps(m[v], lanes, _mm512_maskz_loadu_ps(lanes, key + segments[k].first + i), m[v]);
+      top[v] = _mm512_mask_max_ps(top[v], lanes, _mm512_maskz_loadu_ps(lanes, key + segments[k].first + i), top[v]);
       v = v + 1 == V ? 0 : v + 1;
     }
   }
+  for (int w = 0; w < V; ++w) m[w] = top[w];
 }
 
 // The positions of the segments' keys at or above `margin` below the top_k-th largest of the lane maxima `m`.
@@ -166,35 +212,73 @@ FUSEDGATE_AVX512 inline int candidates(const float* key, const Segment* segments
   return count;
 }
 
-// Rules 4-6 for token t from at most 16 candidates, all in registers: their positions `pos`, exact keys `keys`
-// (-inf past `count`) and sigmoids `s`. Each lane's rank grows in one step per rival (a higher key, or an equal
-// one at a lower index); the inverse of the ranks then orders positions and sigmoids, and the weights follow with
-// the same operations, in the same order, as write_outputs().
-FUSEDGATE_AVX512 inline void finish16(const Routing& p, const Buffers& io, int64_t t, __m512i pos, __m512 keys,
-                                      __m512 s, int count) {
-  const int K = p.top_k;
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+// candidates() for a whole row whose keys are padded with -inf to a multiple of 16: no segment or lane mask to
+// work out per chunk.
+template <int V>
+FUSEDGATE_AVX512 inline int row_candidates(const float* key, int experts, const __m512* m, int top_k, float margin,
+                                           int* pos) {
+  const __m512 threshold = _mm512_set1_ps(max_f(kth_largest<V>(m, top_k) - margin, -kMaxFinite));
+  __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int count = 0;
+  for (int base = 0; base < experts; base += 16) {
+    const __mmask16 take = _mm512_cmp_ps_mask(_mm512_load_ps(key + base), threshold, _CMP_GE_OQ);
+    _mm512_storeu_si512(pos + count, _mm512_maskz_compress_epi32(take, lanes));
+    count += _mm_popcnt_u32(take);
+    lanes = _mm512_add_epi32(lanes, _mm512_set1_epi32(16));
+  }
+  return count;
+}
+
+// Rules 4-6 for a token's at most 16 candidates, all in vectors, in three steps that a block of tokens takes in
+// turn (route_rows()). Each step reads what the one before stored, so its rivals and sums come from memory by
+// broadcast loads instead of lane permutations, which compete for the shuffle unit.
+
+// Rule 4's rank of each candidate (exact keys `keys`, -inf past `count`, also stored at `key_lanes`): one step per
+// rival, counting a higher key, or an equal one at a lower index.
+FUSEDGATE_AVX512 inline __m512i rank16(__m512 keys, const float* key_lanes, int count) {
   const __m512i one = _mm512_set1_epi32(1);
   __m512i rank = _mm512_setzero_si512();
-  for (int d = 0; d < count; ++d) {
-    const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(d), keys);
-    const __mmask16 later = static_cast<__mmask16>(0xfffeu << d);
-    const __mmask16 beaten =
-        _mm512_cmp_ps_mask(rival, keys, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, rival, keys, _CMP_EQ_OQ);
-    rank = _mm512_mask_add_epi32(rank, beaten, rank, one);
+  // Equal keys have equal bits here (a key is never NaN, and never -0: s >= +0, and s + bias rounds an exact zero
+  // to +0), so the conflict check finds every tie. Without one, the index rule cannot apply and a rival counts
+  // by its key alone, which saves two of a step's five operations.
+  const __m512i equal_before = _mm512_maskz_conflict_epi32(first_lanes(count), _mm512_castps_si512(keys));
+  if (_mm512_test_epi32_mask(equal_before, equal_before) == 0) {
+    for (int d = 0; d < count; ++d)
+      rank = _mm512_mask_add_epi32(rank, _mm512_cmp_ps_mask(_mm512_set1_ps(key_lanes[d]), keys, _CMP_GT_OQ), rank, one);
+  } else {
+    for (int d = 0; d < count; ++d) {
+      const __m512 rival = _mm512_set1_ps(key_lanes[d]);
+      const __mmask16 later = static_cast<__mmask16>(0xfffeu << d);
+      const __mmask16 beaten =
+          _mm512_cmp_ps_mask(rival, keys, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, rival, keys, _CMP_EQ_OQ);
+      rank = _mm512_mask_add_epi32(rank, beaten, rank, one);
+    }
   }
+  return rank;
+}
+
+// The candidates' positions `pos` and sigmoids `s` in output order, by inverting the ranks stored at `rank_lanes`.
+FUSEDGATE_AVX512 inline void order16(const int* rank_lanes, int count, __m512i pos, __m512 s, __m512i* ids,
+                                     __m512* chosen_s) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // order[r] = the candidate of rank r.
   __m512i order = _mm512_setzero_si512();
-  for (int a = 0; a < count; ++a) {
-    const __mmask16 slot = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(_mm512_set1_epi32(a), rank), iota);
-    order = _mm512_mask_mov_epi32(order, slot, _mm512_set1_epi32(a));
-  }
-  const __m512i ids = _mm512_permutexvar_epi32(order, pos);
-  const __m512 chosen_s = _mm512_permutexvar_ps(order, s);
-  // Rule 5, the sum in output order: lane 0 adds the weights one by one.
-  __m512 sum = chosen_s;
-  for (int r = 1; r < K; ++r) sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(_mm512_set1_epi32(r), chosen_s));
-  const __m512 denom = _mm512_permutexvar_ps(_mm512_setzero_si512(), _mm512_add_ps(sum, _mm512_set1_ps(1e-20f)));
+  for (int a = 0; a < count; ++a)
+    order = _mm512_mask_mov_epi32(order, _mm512_cmpeq_epi32_mask(_mm512_set1_epi32(rank_lanes[a]), iota),
+                                  _mm512_set1_epi32(a));
+  *ids = _mm512_permutexvar_epi32(order, pos);
+  *chosen_s = _mm512_permutexvar_ps(order, s);
+}
+
+// Rules 5-6 for token t from the chosen ids and sigmoids in output order (the sigmoids also stored at
+// `chosen_lanes`), with the operations of write_outputs() in the same order.
+FUSEDGATE_AVX512 inline void write16(const Routing& p, const Buffers& io, int64_t t, __m512i ids, __m512 chosen_s,
+                                     const float* chosen_lanes) {
+  const int K = p.top_k;
+  // Rule 5, the sum in output order.
+  float sum = chosen_lanes[0];
+  for (int r = 1; r < K; ++r) sum += chosen_lanes[r];
+  const __m512 denom = _mm512_set1_ps(sum + 1e-20f);
   const __m512 w = _mm512_mul_ps(p.renormalize ? _mm512_div_ps(chosen_s, denom) : chosen_s, _mm512_set1_ps(p.scale));
   const __mmask16 outputs = first_lanes(K);
   _mm512_mask_storeu_ps(io.values + t * K, outputs, w);
@@ -222,10 +306,10 @@ FUSEDGATE_AVX512 inline void merge_top2(__m512& a1, __m512& b1, __m512 a2, __m51
   a1 = high;
 }
 
-// Rule 3's group scores for up to 8 groups starting at group g0: each group's chunks fold into a per-lane top two,
-// then a tree of merges halves the lanes per group while doubling the groups per vector, until each group's
-// summary sits in two lanes of one vector.
-FUSEDGATE_AVX512 inline void score_eight_groups(const float* key, int g0, int groups, int epg, float* scores) {
+// Rule 3's group scores for up to 8 groups starting at group g0, returned in lanes 0-7 (those past `groups` hold
+// no group): each group's chunks fold into a per-lane top two, then a tree of merges halves the lanes per group
+// while doubling the groups per vector, until each group's summary sits in two lanes of one vector.
+FUSEDGATE_AVX512 inline __m512 score_eight_groups(const float* key, int g0, int groups, int epg) {
   __m512 a[8], b[8];
   for (int g = 0; g < 8; ++g) {
     a[g] = b[g] = _mm512_set1_ps(-kInf);
@@ -258,108 +342,210 @@ FUSEDGATE_AVX512 inline void score_eight_groups(const float* key, int g0, int gr
   merge_top2(x_a, x_b, y_a, y_b);
   // 2 -> 1: neighbouring lanes.
   merge_top2(x_a, x_b, _mm512_permute_ps(x_a, 0xb1), _mm512_permute_ps(x_b, 0xb1));
-  alignas(64) float top1[16], top2[16];
-  _mm512_store_ps(top1, x_a);
-  _mm512_store_ps(top2, x_b);
-  for (int g = 0; g < groups; ++g) {
-    const int lane = g < 4 ? 4 * g : 4 * (g - 4) + 2;
-    scores[g0 + g] = epg == 1 ? top1[lane] : top1[lane] + top2[lane];
+  // Group g's summary lies in lane 4g for g < 4, and in lane 4(g - 4) + 2 above.
+  const __m512i summary = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512 top1 = _mm512_permutexvar_ps(summary, x_a);
+  return epg == 1 ? top1 : _mm512_add_ps(top1, _mm512_permutexvar_ps(summary, x_b));
+}
+
+// keep_groups() for up to 8 groups whose scores lie in lanes 0-7 of `scores` (none NaN), ranked in vectors: the
+// scalar loop's n_group^2 compares and loads cost more than the rest of the group choice.
+FUSEDGATE_AVX512 inline bool keep_eight_groups(const Routing& p, __m512 scores, int* kept) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i rank = _mm512_setzero_si512();
+  for (int h = 0; h < p.n_group; ++h) {
+    const __m512 rival = _mm512_permutexvar_ps(_mm512_set1_epi32(h), scores);
+    const __mmask16 later = static_cast<__mmask16>(0xfffeu << h);
+    const __mmask16 beaten =
+        _mm512_cmp_ps_mask(rival, scores, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, rival, scores, _CMP_EQ_OQ);
+    rank = _mm512_mask_add_epi32(rank, beaten, rank, one);
   }
+  const __mmask16 keep = _mm512_mask_cmplt_epi32_mask(first_lanes(p.n_group), rank, _mm512_set1_epi32(p.topk_group));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept), _mm512_castsi512_si256(_mm512_maskz_compress_epi32(keep, iota)));
+  // Rule 7: a kept group scored -inf.
+  return _mm512_mask_cmp_ps_mask(keep, scores, _mm512_set1_ps(-kInf), _CMP_EQ_OQ) != 0;
+}
+
+// Tokens routed together, phase by phase. One token's phases form a chain of dependent steps (bound, candidates,
+// exact keys, ranks, weights) too long for the processor to overlap with the next token's; a phase run over
+// several independent tokens keeps its units busy instead of waiting on that chain.
+constexpr int kBlockTokens = 8;
+
+// Per-token state carried from one phase of a block to the next.
+template <int V>
+struct Block {
+  alignas(64) float x[kBlockTokens][kRowCapacity];  // 16-bit logits decoded
+  alignas(64) float s[kBlockTokens][kRowCapacity];  // exact sigmoids (group scoring)
+  alignas(64) float key[kBlockTokens][kRowCapacity];
+  alignas(64) int cand_pos[kBlockTokens][kRowCapacity + 16];
+  __m512 m[kBlockTokens][V];
+  __m512 cand_b[kBlockTokens], cand_s[kBlockTokens];  // candidates' exact keys and sigmoids
+  __m512i rank[kBlockTokens];
+  __m512i ids[kBlockTokens];
+  __m512 chosen_s[kBlockTokens];  // in output order
+  const float* logits[kBlockTokens];
+  Segment segments[kBlockTokens][kMaxGroups];
+  int count[kBlockTokens];
+  bool fallback[kBlockTokens];
+};
+
+// The calling thread's block state (too large for the stack of every caller's thread), looked up once per call:
+// in a shared library each thread-local access is a call that saves every vector register.
+template <int V>
+__attribute__((noinline)) Block<V>& thread_block() {
+  static thread_local Block<V> block;
+  return block;
+}
+
+// Rules 4-7 for a token with more than 16 candidates (or that falls back): exact order by rank or
+// insertion over candidate arrays.
+FUSEDGATE_AVX512 inline void finish_any(const Routing& p, const Buffers& io, int64_t t, const float* logits,
+                                        const float* s, const float* key, const int* pos, int count, bool fallback) {
+  alignas(64) float cand_key[kRowCapacity];
+  alignas(64) float cand_s[kRowCapacity];
+  int chosen[kMaxTopK + 1];  // slot top_k takes the candidates ranked below it
+  int ids[kMaxTopK];
+  float weights[kMaxTopK];
+  const int K = p.top_k;
+  if (!fallback) {
+    if (p.score_groups) {
+      for (int a = 0; a < count; ++a) {
+        cand_key[a] = key[pos[a]];
+        cand_s[a] = s[pos[a]];
+      }
+    } else {
+      // Rules 1-2, exactly, for the candidates alone.
+      int valid = 0;
+      for (int a = 0; a < count; a += 16) {
+        const __mmask16 lanes = first_lanes(count - a);
+        const __m512i at = _mm512_maskz_loadu_epi32(lanes, pos + a);
+        const __m512 se = sigmoid16(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, logits, 4));
+        const __m512 b = routing_key16(_mm512_add_ps(se, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, io.bias, 4)));
+        valid += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(lanes, b, _mm512_set1_ps(-kInf), _CMP_NEQ_OQ));
+        _mm512_storeu_ps(cand_s + a, se);
+        _mm512_storeu_ps(cand_key + a, b);
+      }
+      fallback = valid < K;
+    }
+  }
+  if (!fallback) {
+    order_candidates(cand_key, count, K, chosen);
+    for (int r = 0; r < K; ++r) {
+      ids[r] = pos[chosen[r]];
+      weights[r] = cand_s[chosen[r]];
+    }
+  }
+  write_outputs(p, io, t, fallback, ids, weights);
 }
 
 template <int V>
 FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t begin, int64_t end,
                                  const float* filter_bias, float delta) {
-  alignas(64) float x[kRowCapacity];
-  alignas(64) float s[kRowCapacity];
-  alignas(64) float key[kRowCapacity];
-  alignas(64) float cand_key[kRowCapacity];
-  alignas(64) float cand_s[kRowCapacity];
-  alignas(64) int cand_pos[kRowCapacity + 16];
+  Block<V>& blk = thread_block<V>();
   float group_scores[kMaxGroups];
   int kept[kMaxGroups];
-  Segment segments[kMaxGroups];
-  int chosen[kMaxTopK + 1];  // slot top_k takes the candidates ranked below it
-  int ids[kMaxTopK];
-  float weights[kMaxTopK];
   const int E = p.experts, K = p.top_k, epg = p.experts_per_group;
+  const int n_segments = p.score_groups ? p.topk_group : 1;
+  // Approximate keys may trail exact ones by delta: a margin of twice that keeps every expert the exact keys
+  // choose (cpu_route_avx512.h's header). Exact keys need none.
+  const float margin = p.score_groups ? 0.0f : 2.0f * delta;
 
-  for (int64_t t = begin; t < end; ++t) {
-    const float* logits = logits_row(p, io, t, x);
-    bool fallback = false;
-    int count;
-    __m512 m[V];
-    for (int v = 0; v < V; ++v) m[v] = _mm512_set1_ps(-kInf);
+  for (int64_t t0 = begin; t0 < end; t0 += kBlockTokens) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlockTokens, end - t0));
+    // Keys (and, without group scoring, their lane maxima).
+    for (int j = 0; j < n; ++j) {
+      const float* logits = blk.logits[j] = logits_row(p, io, t0 + j, blk.x[j]);
+      float* key = blk.key[j];
+      blk.fallback[j] = false;
+      if (p.score_groups) {
+        // Rules 1-2 for every expert.
+        float* s = blk.s[j];
+        for (int e = 0; e < E; e += 16) {
+          const __mmask16 lanes = first_lanes(E - e);
+          const __m512 se = sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
+          _mm512_storeu_ps(s + e, se);
+          _mm512_storeu_ps(key + e, routing_key16(_mm512_add_ps(se, _mm512_maskz_loadu_ps(lanes, io.bias + e))));
+        }
+      } else {
+        // Approximate keys (filter_bias is -inf where the bias is not finite, so such experts never pass, and
+        // past the row, so the last chunk's spare lanes hold -inf) and their lane maxima, V vectors taking chunks
+        // in turn, kept in registers (as in lane_maxima()).
+        __m512 top[V];
+        for (int v = 0; v < V; ++v) top[v] = _mm512_set1_ps(-kInf);
+        for (int e = 0; e < E; e += 16) {
+          const __mmask16 lanes = first_lanes(E - e);
+          const __m512 approx = approx_sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
+          const __m512 k = _mm512_add_ps(approx, _mm512_load_ps(filter_bias + e));
+          _mm512_store_ps(key + e, k);
+          // A NaN key (max returns its second operand) leaves the maximum as it was.
+          top[(e / 16) % V] = _mm512_max_ps(k, top[(e / 16) % V]);
+        }
+        for (int v = 0; v < V; ++v) blk.m[j][v] = top[v];
+        blk.segments[j][0] = Segment{0, E};
+      }
+    }
     if (p.score_groups) {
-      // Rules 1-2 for every expert.
-      for (int e = 0; e < E; e += 16) {
-        const __mmask16 lanes = first_lanes(E - e);
-        const __m512 se = sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
-        _mm512_storeu_ps(s + e, se);
-        _mm512_storeu_ps(key + e, routing_key16(_mm512_add_ps(se, _mm512_maskz_loadu_ps(lanes, io.bias + e))));
+      // Rule 3, then the kept groups' lane maxima.
+      for (int j = 0; j < n; ++j) {
+        if (p.n_group <= 8) {
+          blk.fallback[j] = keep_eight_groups(p, score_eight_groups(blk.key[j], 0, p.n_group, epg), kept);
+        } else {
+          for (int g0 = 0; g0 < p.n_group; g0 += 8)
+            _mm256_storeu_ps(group_scores + g0,
+                             _mm512_castps512_ps256(score_eight_groups(blk.key[j], g0, std::min(8, p.n_group - g0), epg)));
+          blk.fallback[j] = keep_groups(p, group_scores, kept);
+        }
+        for (int k = 0; k < p.topk_group; ++k) blk.segments[j][k] = Segment{kept[k] * epg, epg};
       }
-      // Rule 3.
-      for (int g0 = 0; g0 < p.n_group; g0 += 8)
-        score_eight_groups(key, g0, std::min(8, p.n_group - g0), epg, group_scores);
-      fallback = keep_groups(p, group_scores, kept);
-      for (int k = 0; k < p.topk_group; ++k) segments[k] = Segment{kept[k] * epg, epg};
-      // Rule 4 on the exact keys.
-      lane_maxima<V>(key, segments, p.topk_group, m);
-      count = candidates<V>(key, segments, p.topk_group, m, K, 0.0f, cand_pos);
-      fallback |= count < K;
-      if (!fallback && count <= 16) {
-        const __mmask16 lanes = first_lanes(count);
-        const __m512i at = _mm512_maskz_loadu_epi32(lanes, cand_pos);
-        finish16(p, io, t, at, _mm512_mask_i32gather_ps(_mm512_set1_ps(-kInf), lanes, at, key, 4),
-                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, s, 4), count);
-        continue;
-      }
-      for (int a = 0; a < count; ++a) {
-        cand_key[a] = key[cand_pos[a]];
-        cand_s[a] = s[cand_pos[a]];
-      }
-    } else {
-      // Approximate keys (filter_bias is -inf where the bias is not finite, so such experts never pass) and
-      // their lane maxima, V vectors taking chunks in turn.
-      for (int e = 0; e < E; e += 16) {
-        const __mmask16 lanes = first_lanes(E - e);
-        const __m512 approx = approx_sigmoid16(_mm512_maskz_loadu_ps(lanes, logits + e));
-        const __m512 k =
-            _mm512_mask_add_ps(_mm512_set1_ps(-kInf), lanes, approx, _mm512_maskz_loadu_ps(lanes, filter_bias + e));
-        _mm512_storeu_ps(key + e, k);
-        // A NaN key (max returns its second operand) leaves the maximum as it was.
-        m[(e / 16) % V] = _mm512_max_ps(k, m[(e / 16) % V]);
-      }
-      segments[0] = Segment{0, E};
-      count = candidates<V>(key, segments, 1, m, K, 2.0f * delta, cand_pos);
-      // Rules 1-2, exactly, for the candidates alone.
-      int valid = 0;
-      for (int a = 0; a < count; a += 16) {
-        const __mmask16 lanes = first_lanes(count - a);
-        const __m512i at = _mm512_maskz_loadu_epi32(lanes, cand_pos + a);
-        const __m512 se = sigmoid16(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, logits, 4));
+      for (int j = 0; j < n; ++j) lane_maxima<V>(blk.key[j], blk.segments[j], n_segments, blk.m[j]);
+    }
+    // Rule 4's candidates.
+    for (int j = 0; j < n; ++j) {
+      blk.count[j] = p.score_groups
+                         ? candidates<V>(blk.key[j], blk.segments[j], n_segments, blk.m[j], K, margin, blk.cand_pos[j])
+                         : row_candidates<V>(blk.key[j], E, blk.m[j], K, margin, blk.cand_pos[j]);
+      blk.fallback[j] |= blk.count[j] < K;
+    }
+    // Exact keys and sigmoids of up to 16 candidates, in registers.
+    for (int j = 0; j < n; ++j) {
+      if (blk.fallback[j] || blk.count[j] > 16) continue;
+      const __mmask16 lanes = first_lanes(blk.count[j]);
+      const __m512i at = _mm512_maskz_loadu_epi32(lanes, blk.cand_pos[j]);
+      if (p.score_groups) {
+        blk.cand_b[j] = _mm512_mask_i32gather_ps(_mm512_set1_ps(-kInf), lanes, at, blk.key[j], 4);
+        blk.cand_s[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, blk.s[j], 4);
+      } else {
+        // Rules 1-2, exactly, for the candidates alone.
+        const __m512 se = sigmoid16(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, blk.logits[j], 4));
         const __m512 b = _mm512_mask_mov_ps(
             _mm512_set1_ps(-kInf), lanes,
             routing_key16(_mm512_add_ps(se, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, io.bias, 4))));
-        valid += _mm_popcnt_u32(_mm512_cmp_ps_mask(b, _mm512_set1_ps(-kInf), _CMP_NEQ_OQ));
-        if (count <= 16) {
-          if (valid >= K) finish16(p, io, t, at, b, se, count);
-          break;
-        }
-        _mm512_storeu_ps(cand_s + a, se);
-        _mm512_storeu_ps(cand_key + a, b);
-      }
-      fallback = valid < K;
-      if (!fallback && count <= 16) continue;
-    }
-    if (!fallback) {
-      order_candidates(cand_key, count, K, chosen);
-      for (int r = 0; r < K; ++r) {
-        ids[r] = cand_pos[chosen[r]];
-        weights[r] = cand_s[chosen[r]];
+        blk.fallback[j] = _mm_popcnt_u32(_mm512_cmp_ps_mask(b, _mm512_set1_ps(-kInf), _CMP_NEQ_OQ)) < K;
+        blk.cand_b[j] = b;
+        blk.cand_s[j] = se;
       }
     }
-    write_outputs(p, io, t, fallback, ids, weights);
+    // Rules 4-7: up to 16 candidates in vectors, in three steps; more, or the fallback, by finish_any().
+    for (int j = 0; j < n; ++j) {
+      if (!blk.fallback[j] && blk.count[j] <= 16)
+        blk.rank[j] = rank16(blk.cand_b[j], reinterpret_cast<const float*>(&blk.cand_b[j]), blk.count[j]);
+    }
+    for (int j = 0; j < n; ++j) {
+      const int count = blk.count[j];
+      if (!blk.fallback[j] && count <= 16)
+        order16(reinterpret_cast<const int*>(&blk.rank[j]), count,
+                _mm512_maskz_loadu_epi32(first_lanes(count), blk.cand_pos[j]), blk.cand_s[j], &blk.ids[j],
+                &blk.chosen_s[j]);
+    }
+    for (int j = 0; j < n; ++j) {
+      const int count = blk.count[j];
+      if (!blk.fallback[j] && count <= 16) {
+        write16(p, io, t0 + j, blk.ids[j], blk.chosen_s[j], reinterpret_cast<const float*>(&blk.chosen_s[j]));
+      } else {
+        finish_any(p, io, t0 + j, blk.logits[j], blk.s[j], blk.key[j], blk.cand_pos[j], count, blk.fallback[j]);
+      }
+    }
   }
 }
 
