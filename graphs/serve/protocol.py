@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import ml_dtypes
 import msgspec
@@ -95,48 +95,33 @@ def _load(text: bytes) -> object:
             raise _bad(f"malformed JSON in the request: {error}") from None
 
 
-class _Tensor(msgspec.Struct):
-    """An input as the request's outline holds it: ``data`` kept as its JSON text."""
+# What an input's ``data`` is read as: its JSON text (``msgspec.Raw``), or a flat list of numbers.
+Data = TypeVar("Data")
+
+
+class _Tensor(msgspec.Struct, Generic[Data]):
+    """An input as the request's outline holds it."""
 
     name: Any = msgspec.UNSET
     shape: Any = msgspec.UNSET
     datatype: Any = msgspec.UNSET
     parameters: Any = msgspec.UNSET
-    data: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    data: Data | msgspec.UnsetType = msgspec.UNSET
 
 
-class _Outline(msgspec.Struct):
+class _Outline(msgspec.Struct, Generic[Data]):
     """The fields of a request that the parser reads; any others are skipped (after being checked as JSON)."""
 
-    inputs: list[_Tensor]
+    inputs: list[_Tensor[Data]]
     id: Any = msgspec.UNSET
     parameters: Any = msgspec.UNSET
     outputs: Any = msgspec.UNSET
 
 
-_OUTLINE = msgspec.json.Decoder(_Outline)
-
-
-class _NumbersTensor(msgspec.Struct):
-    """An input whose ``data`` is a flat list of JSON numbers, as clients send it."""
-
-    name: Any = msgspec.UNSET
-    shape: Any = msgspec.UNSET
-    datatype: Any = msgspec.UNSET
-    parameters: Any = msgspec.UNSET
-    data: list[int | float] | msgspec.UnsetType = msgspec.UNSET
-
-
-class _Numbers(msgspec.Struct):
-    """The usual request with flat ``data``: read in one pass that also checks every element is a number."""
-
-    inputs: list[_NumbersTensor]
-    id: Any = msgspec.UNSET
-    parameters: Any = msgspec.UNSET
-    outputs: Any = msgspec.UNSET
-
-
-_NUMBERS = msgspec.json.Decoder(_Numbers)
+# Each input's data kept as its JSON text, converted in chunks later.
+_OUTLINE = msgspec.json.Decoder(_Outline[msgspec.Raw])
+# The usual request with flat data, read in one pass that also checks every element is a number.
+_NUMBERS = msgspec.json.Decoder(_Outline[list[int | float]])
 
 
 def _present(struct: msgspec.Struct) -> dict:
@@ -171,7 +156,7 @@ def _parse_json(text: bytes) -> dict:
     return document
 
 
-def _numbers_tensor(tensor: _NumbersTensor) -> dict:
+def _numbers_tensor(tensor: _Tensor[list[int | float]]) -> dict:
     present = _present(tensor)
     if "data" in present:
         # Numbers beyond float32's range are valid logits of infinite size.
