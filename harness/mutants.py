@@ -52,15 +52,13 @@ GPU_TESTS = {
     "op/csrc/launch.cuh": ["tests/test_gpu_kernels.py", "tests/test_gpu_cupy.py", "-k", "side_stream or eager_call"],
     "op/csrc/fused_latency.cuh": ["tests/test_reference_rules.py", "-k", "fused and not fused_block"],
     "op/csrc/fused_warp.cuh": ["tests/test_reference_rules.py", "-k", "fused and not fused_block"],
-    "op/csrc/fused_thread.cuh": ["tests/test_reference_rules.py", "-k", "fused and not fused_block"],
 }
-# The rule tests route a few tokens, which `fused` sends to its block-per-token kernel; the warp and thread
-# kernels' rows run them with that kernel forced. Likewise the rows of the portable CPU loop and of the pieces it
+# The rule tests route a few tokens, which `fused` sends to its block-per-token kernel; the warp kernel's rows
+# run them with that kernel forced. Likewise the rows of the portable CPU loop and of the pieces it
 # shares with the AVX-512 loop (which uses some of them only past 16 candidates): a processor with AVX-512 takes
 # the other loop.
 TEST_ENV = {
     "op/csrc/fused_warp.cuh": {"FUSEDGATE_LATENCY_MAX_TOKENS": "0", "FUSEDGATE_WARP_MAX_TOKENS": str(2**40)},
-    "op/csrc/fused_thread.cuh": {"FUSEDGATE_THREAD_MIN_TOKENS": "0"},
     "op/csrc/cpu_route_portable.h": {"FUSEDGATE_CPU_ISA": "portable"},
     "op/csrc/cpu_route.h": {"FUSEDGATE_CPU_ISA": "portable"},
 }

@@ -2,14 +2,12 @@
 // renormalisation, scaling, and writes scores, values and indices. Which kernel that launch runs depends on the
 // batch: one block per token while the blocks fit about one wave (fused_latency.cuh), then, where a lane holds
 // few experts, one token per warp with top_k arg-max rounds (fused_warp.cuh), and otherwise the threshold kernel
-// below; from tens of thousands of tokens, one token per thread (fused_thread.cuh). All four share the
-// arithmetic and so give bit-identical outputs.
+// below. All three share the arithmetic and so give bit-identical outputs.
 //
 // The threshold kernel: a token occupies a sub-warp of `lanes` lanes (a whole warp for deepseek_v3, half of
 // one for glm45_air), each lane holding a contiguous chunk of the row in registers after loads as wide as 16
 // bytes; the grid is persistent, so large batches loop over tokens instead of launching more blocks.
 #include "fused_latency.cuh"
-#include "fused_thread.cuh"
 #include "fused_warp.cuh"
 #include "launch.cuh"
 #include "row_load.cuh"
@@ -94,19 +92,6 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     else if (kind == FloatKind::kBFloat16) launch(static_cast<const __nv_bfloat16*>(nullptr));
     else launch(static_cast<const __half*>(nullptr));
   };
-  if (rows >= thread_min_tokens() && thread_kernel_covers(p, data_of(logits), call.out.scores)) {
-    const size_t smem = thread_kernel_smem(p);
-    by_dtype([&](auto* typed) {
-      using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
-      auto* kernel = fused_thread_kernel<T>;
-      const int64_t resident = static_cast<int64_t>(sm_count(device)) * resident_blocks(kernel, smem, device);
-      const int64_t needed = (rows + kThreadBlock - 1) / kThreadBlock;
-      launch_dependent("fused_grouped_topk launch", kernel, static_cast<int>(needed < resident ? needed : resident),
-                       kThreadBlock, smem, stream, device, static_cast<const T*>(data_of(logits)), data_of(bias),
-                       call.bias_kind, call.out, call.num_tokens, rows, p);
-    });
-    return;
-  }
   const bool latency_covers = latency_kernel_covers(p);
   if (latency_covers && rows <= latency_max_tokens(p)) {
     by_dtype([&](auto* typed) {
