@@ -56,7 +56,7 @@ class _TorchBackend:
         self.torch = torch
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream()
-        self._copy_rows = library().copy_rows
+        self._replay_rows = library().replay_rows
 
     def empty(self, shape: Sequence[int], dtype: str) -> Any:
         return self.torch.empty(tuple(shape), dtype=getattr(self.torch, dtype), device="cuda")
@@ -76,9 +76,6 @@ class _TorchBackend:
             result = fn()
         return graph, result
 
-    def replayer(self, graph: Any) -> Callable[[], None]:
-        return graph.replay
-
     def synchronize(self) -> None:
         self.torch.cuda.synchronize()
 
@@ -91,19 +88,25 @@ class _TorchBackend:
     def copy(self, dst: Any, src: Any) -> None:
         dst.copy_(src)
 
-    def copier(self, dst: Any) -> Callable[[Any], Any]:
-        """``dst``'s copy-in, bound once: the library's device copy for contiguous CUDA logits of the buffer's
-        dtype (torch's ``copy_`` spends more of the host's time in operator dispatch and element-wise set-up than
-        in the copy); torch's converting copy for anything else, which the library refuses."""
-        copy_rows, convert = self._copy_rows, dst.copy_
+    def replayer(self, dst: Any, graph: Any) -> Callable[[Any], None]:
+        """Copy-in into ``dst`` and ``graph``'s replay, bound once: one library call that queues the device copy
+        (none when the caller passes ``dst`` itself) and the graph's launch, for contiguous CUDA logits of the
+        buffer's dtype (torch's ``copy_`` spends more of the host's time in operator dispatch and element-wise
+        set-up than in the copy, and its ``replay`` is one more call); torch's converting copy and replay for
+        anything else, which the library refuses before it queues anything. The graph holds no random number
+        generator state for ``replay`` to advance, so launching its executable graph directly is the whole
+        replay."""
+        replay_rows, convert, replay = self._replay_rows, dst.copy_, graph.replay
+        graph_exec = graph.raw_cuda_graph_exec()
 
-        def copy_in(src: Any) -> None:
+        def copy_in_and_replay(src: Any) -> None:
             try:
-                copy_rows(dst, src)
+                replay_rows(dst, src, graph_exec)
             except ValueError:
                 convert(src)
+                replay()
 
-        return copy_in
+        return copy_in_and_replay
 
 
 class _PaddleBackend(_TorchBackend):
@@ -148,8 +151,12 @@ class _PaddleBackend(_TorchBackend):
     def copy(self, dst: Any, src: Any) -> None:
         self.paddle.assign(src.astype(dst.dtype), output=dst)
 
-    def copier(self, dst: Any) -> Callable[[Any], Any]:
-        return lambda src: self.copy(dst, src)
+    def replayer(self, dst: Any, graph: Any) -> Callable[[Any], None]:
+        def copy_in_and_replay(src: Any) -> None:
+            self.copy(dst, src)
+            graph.replay()
+
+        return copy_in_and_replay
 
 
 _BACKENDS = {"torch": _TorchBackend, "paddle": _PaddleBackend}
@@ -234,11 +241,10 @@ class GraphRunner:
         bucket = self.table.bucket_for(count)
         views = tuple(None if t is None else b.rows(t, count) for t in self._outputs[bucket])
         attributes = self._domain.get_event_attributes(message=f"{self.path}:{self.name}:bucket{bucket}")
-        return b.copier(b.rows(self.static_logits, count)), b.replayer(self._graphs[bucket]), attributes, views, count
+        return b.replayer(b.rows(self.static_logits, count), self._graphs[bucket]), attributes, views, count
 
     def _run(self, step: tuple, logits: Any, bias: Any) -> tuple:
-        copy_in, replay, attributes, views, count = step
-        copy_in(logits)
+        replay, attributes, views, count = step
         # The bias rarely changes between calls: it is copied only when another tensor, or a modified one, arrives.
         version = getattr(bias, "_version", None)
         if bias is not self._bias or version is None or version != self._bias_version:
@@ -250,7 +256,7 @@ class GraphRunner:
             self._count_written = count
         domain = self._domain
         domain.push_range(attributes)
-        replay()
+        replay(logits)
         domain.pop_range()
         return views
 

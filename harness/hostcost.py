@@ -115,14 +115,19 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
             runner(inputs[i % DISTINCT_INPUTS], bias)
 
     replay = "bare graph.replay() of that bucket"
-    # The runner's copy-in beside the framework copy it replaced, on the same static rows.
+    # The runner's copy-in and replay in one library call beside the framework's copy and replay it replaced.
     static = runner.static_logits[:tokens]
-    copy_rows = library().copy_rows
+    replay_rows, graph_exec = library().replay_rows, graph.raw_cuda_graph_exec()
+
+    def torch_copy_and_replay() -> None:
+        static.copy_(x)
+        graph.replay()
+
     rows += [
         Row(f'GraphRunner("fused", ...)(x, bias) at T={tokens}', None, replay, runner_target, loop=runner_loop),
         Row(replay, graph.replay),
-        Row("the runner's copy-in (library copy_rows)", lambda: copy_rows(static, x)),
-        Row("torch copy_ of the same rows", lambda: static.copy_(x)),
+        Row("the runner's copy-in and replay (library replay_rows)", lambda: replay_rows(static, x, graph_exec)),
+        Row("torch copy_ of the same rows, then graph.replay()", torch_copy_and_replay),
     ]
     return rows
 

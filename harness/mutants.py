@@ -52,6 +52,11 @@ GPU_TESTS = {
     "op/csrc/launch.cuh": ["tests/test_gpu_kernels.py", "tests/test_gpu_cupy.py", "-k", "side_stream or eager_call"],
     "op/csrc/fused_latency.cuh": ["tests/test_reference_rules.py", "-k", "fused and not fused_block"],
     "op/csrc/fused_warp.cuh": ["tests/test_reference_rules.py", "-k", "fused and not fused_block"],
+    "op/csrc/replay_rows.cu": [
+        "tests/test_gpu_graphs.py",
+        "-k",
+        "bias_changes or converted_on_copy_in or own_rows or overlapping",
+    ],
 }
 # The rule tests route a few tokens, which `fused` sends to its block-per-token kernel; the warp kernel's rows
 # run them with that kernel forced. Likewise the rows of the portable CPU loop and of the pieces it
@@ -186,12 +191,15 @@ def _try_mutant(m: Mutant, tree: Path, cache: Path, gpu: bool) -> tuple[Mutant, 
     return m, killer, code != 1
 
 
-def run(gpu: bool, jobs: int = 1) -> int:
+def run(gpu: bool, jobs: int = 1, files: list[str] | None = None) -> int:
     start = time.monotonic()
-    mutants = [m for m in load_mutants() if m.gpu == gpu]
+    mutants = [m for m in load_mutants() if m.gpu == gpu and (not files or m.file in files)]
     problems = stale_rows(load_mutants())
     if problems:
         print("the mutation tables no longer match the code:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    if not mutants:
+        print(f"no {'gpu' if gpu else 'cpu'} rows name {', '.join(files or [])}", file=sys.stderr)
         return 1
     tests = GPU_TESTS if gpu else CPU_TESTS
     rows, survivors = [], 0
@@ -240,10 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.mutants", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="run the gpu rows against the GPU rule tests")
     parser.add_argument("--jobs", type=int, default=1, help="mutants built and tested at once (default 1)")
+    parser.add_argument(
+        "--files", nargs="+", metavar="FILE", help="only the rows of these source files (those a change touched)"
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    return run(args.gpu, args.jobs)
+    return run(args.gpu, args.jobs, args.files)
 
 
 if __name__ == "__main__":

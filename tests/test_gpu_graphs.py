@@ -144,3 +144,33 @@ def test_logits_of_another_dtype_or_on_the_host_are_converted_on_copy_in(seed):
     for logits in (x.float(), x.cpu(), x.t().contiguous().t()):
         assert_same(runner(logits, bias), expected)
         assert_same(runner(x, bias), expected)
+
+
+def test_logits_already_in_the_runners_own_rows_are_routed_as_they_are(seed):
+    config = PRESETS["deepseek_v3"]
+    runner = GraphRunner("fused", config, [8], "bfloat16")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x, bias = inputs(config, 5, generator)
+    own = runner.static_logits[:5]
+    own.copy_(x)
+    assert_same(runner(own, bias), op.grouped_topk(x, bias, *config.args()))
+
+
+def test_overlapping_rows_are_refused_before_anything_is_queued(seed):
+    from op.build import library
+
+    config = PRESETS["deepseek_v3"]
+    runner = GraphRunner("fused", config, [8], "bfloat16")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x, _ = inputs(config, 8, generator)
+    runner.static_logits.copy_(x)
+    for output in runner._outputs[8]:
+        output.fill_(-7)
+    torch.cuda.synchronize()
+    graph_exec = runner._graphs[8].raw_cuda_graph_exec()
+    with pytest.raises(ValueError, match="overlaps"):
+        library().replay_rows(runner.static_logits[:4], runner.static_logits[2:6], graph_exec)
+    torch.cuda.synchronize()
+    # Neither the copy nor the replay ran.
+    assert torch.equal(runner.static_logits, x)
+    assert all(bool((output == -7).all()) for output in runner._outputs[8])

@@ -61,3 +61,8 @@ def test_table_escapes_pipes_and_names_the_killer():
     row = mutants.Mutant("t.toml", "op/testing.py", "a | b", "a", "6", False)
     table = mutants.format_table([(row, "tests/test_checker.py::test_x")])
     assert "`a \\| b` -> `a`" in table and table.endswith("| tests/test_checker.py::test_x |")
+
+
+def test_files_that_no_row_names_are_refused_before_any_build(capsys):
+    assert mutants.main(["--files", "op/csrc/nothing.cc"]) == 1
+    assert "no cpu rows name op/csrc/nothing.cc" in capsys.readouterr().err
