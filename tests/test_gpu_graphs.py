@@ -122,11 +122,16 @@ def test_paddle_runner_matches_eager(seed):
             assert bool((a == e).all())
 
 
-def test_bias_changes_between_calls_are_seen(seed):
+def deepseek_v3_runner(bucket, tokens, seed):
+    """A deepseek_v3 runner of one bf16 bucket, with fresh logits of ``tokens`` rows and a bias from ``seed``."""
     config = PRESETS["deepseek_v3"]
-    runner = GraphRunner("fused", config, [8], "bfloat16")
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    x, bias = inputs(config, 8, generator)
+    x, bias = inputs(config, tokens, generator)
+    return config, GraphRunner("fused", config, [bucket], "bfloat16"), generator, x, bias
+
+
+def test_bias_changes_between_calls_are_seen(seed):
+    config, runner, generator, x, bias = deepseek_v3_runner(8, 8, seed)
     assert_same(runner(x, bias), op.grouped_topk(x, bias, *config.args()))
     bias.add_(torch.randn(256, generator=generator, device="cuda"))  # in place: same object, new version
     assert_same(runner(x, bias), op.grouped_topk(x, bias, *config.args()))
@@ -135,10 +140,7 @@ def test_bias_changes_between_calls_are_seen(seed):
 
 
 def test_logits_of_another_dtype_or_on_the_host_are_converted_on_copy_in(seed):
-    config = PRESETS["deepseek_v3"]
-    runner = GraphRunner("fused", config, [16], "bfloat16")
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    x, bias = inputs(config, 16, generator)
+    config, runner, _, x, bias = deepseek_v3_runner(16, 16, seed)
     expected = op.grouped_topk(x, bias, *config.args())
     # Each is refused by the library's copy and taken by torch's converting one.
     for logits in (x.float(), x.cpu(), x.t().contiguous().t()):
@@ -147,10 +149,7 @@ def test_logits_of_another_dtype_or_on_the_host_are_converted_on_copy_in(seed):
 
 
 def test_logits_already_in_the_runners_own_rows_are_routed_as_they_are(seed):
-    config = PRESETS["deepseek_v3"]
-    runner = GraphRunner("fused", config, [8], "bfloat16")
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    x, bias = inputs(config, 5, generator)
+    config, runner, _, x, bias = deepseek_v3_runner(8, 5, seed)
     own = runner.static_logits[:5]
     own.copy_(x)
     assert_same(runner(own, bias), op.grouped_topk(x, bias, *config.args()))
@@ -159,10 +158,7 @@ def test_logits_already_in_the_runners_own_rows_are_routed_as_they_are(seed):
 def test_overlapping_rows_are_refused_before_anything_is_queued(seed):
     from op.build import library
 
-    config = PRESETS["deepseek_v3"]
-    runner = GraphRunner("fused", config, [8], "bfloat16")
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    x, _ = inputs(config, 8, generator)
+    _, runner, _, x, _ = deepseek_v3_runner(8, 8, seed)
     runner.static_logits.copy_(x)
     for output in runner._outputs[8]:
         output.fill_(-7)
