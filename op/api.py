@@ -12,7 +12,8 @@ calls the library, and nothing more: the look-up is one tuple and one dictionary
 read for the key costs about 0.05-0.08 us (as much as a tenth of the library call), so what the library checks at
 its boundary on every call anyway stays out of the key: the bias's shape, dtype, contiguity and device, the
 logits' contiguity, and the outputs given through ``out=`` (all but the index dtype, which is compared here).
-Inside ``torch.compile`` the entry points call the ``torch.library`` custom ops of ``op.torch_ops`` instead.
+Inside ``torch.compile`` the entry points call instead the custom operators that ``op.torch_ops`` registers with
+torch.
 """
 
 from __future__ import annotations

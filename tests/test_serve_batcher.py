@@ -30,6 +30,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def stop_while_held(batcher, release):
+    """Stop ``batcher`` while its computation is held: a new request is refused while it drains, then ``release()``
+    lets the held computation finish, and the stop completes."""
+    stopping = asyncio.create_task(batcher.stop())
+    await asyncio.sleep(0.05)
+    with pytest.raises(ShuttingDown):
+        await batcher.submit(1, 100)
+    release()
+    await stopping
+
+
 def test_batches_fill_up_to_max_rows_and_answer_each_request():
     async def main():
         compute = Recorder()
@@ -132,12 +143,7 @@ def test_a_full_queue_refuses_at_once_and_stop_drains_the_rest():
         await asyncio.sleep(0.05)  # requests 1-3 wait in the queue
         with pytest.raises(QueueFull, match="3 requests waiting"):
             await batcher.submit(1, 99)
-        stopping = asyncio.create_task(batcher.stop())
-        await asyncio.sleep(0.05)
-        with pytest.raises(ShuttingDown):
-            await batcher.submit(1, 100)
-        gate.set()
-        await stopping
+        await stop_while_held(batcher, gate.set)
         return [t.result() for t in tasks]
 
     assert run(main()) == [("answer", n) for n in range(4)]
@@ -157,12 +163,7 @@ def test_stop_while_an_inline_batch_awaits_its_device_answers_it_and_every_queue
         await batcher.start()
         tasks = [asyncio.create_task(batcher.submit(1, n)) for n in range(5)]
         await asyncio.sleep(0.05)  # the first batch is on the device, the others queued
-        stopping = asyncio.create_task(batcher.stop())
-        await asyncio.sleep(0.05)
-        with pytest.raises(ShuttingDown):
-            await batcher.submit(1, 99)
-        device.set()
-        await stopping
+        await stop_while_held(batcher, device.set)
         return [t.result() for t in tasks], seen
 
     answers, seen = run(main())
