@@ -14,7 +14,8 @@
 
 namespace fusedgate {
 
-template <typename T, int VPT>
+// K > 0: top_k fixed at compile time (see route_token); K == 0: p.top_k.
+template <typename T, int VPT, int K>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT, sizeof(T)))
     fused_grouped_topk_kernel(const T* __restrict__ logits, const void* __restrict__ bias, int bias_kind,
                               RoutingOutputs out, const int32_t* __restrict__ num_tokens_ptr, int64_t num_tokens,
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT, si
       s[i] = sigmoid_f32(to_float<T>(chunk.element(i)));
       b[i] = __fadd_rn(s[i], bias_r[i]);
     }
-    route_token<VPT>(s, b, token, active, p, out, walk.stage);
+    route_token<VPT, K>(s, b, token, active, p, out, walk.stage);
     chunk = next_chunk;
   }
 }
@@ -139,9 +140,17 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
     constexpr int VPT = decltype(cap)::value;
     by_dtype([&](auto* typed) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
-      launch_routing("fused_grouped_topk launch", fused_grouped_topk_kernel<T, VPT>, rows, p, smem, stream, device,
-                     static_cast<const T*>(data_of(logits)), data_of(bias), call.bias_kind, call.out,
-                     call.num_tokens, rows, p, vec);
+      auto launch = [&](auto* kernel) {
+        launch_routing("fused_grouped_topk launch", kernel, rows, p, smem, stream, device,
+                       static_cast<const T*>(data_of(logits)), data_of(bias), call.bias_kind, call.out,
+                       call.num_tokens, rows, p, vec);
+      };
+      // Kimi-K2's 384 experts route to 8 at 12 a lane: that count unrolls the rounds, the sum and the output
+      // loop. Not with 8 a lane, whose 80-register bound the unrolled code would spill.
+      if constexpr (VPT == 12 || VPT == 16) {
+        if (top_k == 8) return launch(fused_grouped_topk_kernel<T, VPT, 8>);
+      }
+      launch(fused_grouped_topk_kernel<T, VPT, 0>);
     });
   });
 }

@@ -166,6 +166,9 @@ inline void dispatch_vpt(int vpt, F&& f) {
     case 8:
       f(std::integral_constant<int, 8>{});
       break;
+    case 12:
+      f(std::integral_constant<int, 12>{});
+      break;
     case 16:
       f(std::integral_constant<int, 16>{});
       break;

@@ -134,15 +134,18 @@ __device__ __forceinline__ int64_t order_of(const Candidate& c) {
 // lane holding it) end at a value that at least top_k keys reach, so the top_k keys are among the keys at or
 // above it. Those candidates are compacted into shared memory and each ranks itself against the others.
 // kIncomplete: fewer than top_k keys are valid (rule 7's fallback). kTooMany: more than `slots` keys pass
-// (many equal keys) and nothing was written; the caller then selects round by round.
-template <int VPT>
+// (many equal keys) and nothing was written; the caller then selects round by round. K > 0 fixes top_k at
+// compile time, so the threshold rounds unroll.
+template <int VPT, int K = 0>
 __device__ __forceinline__ Selection select_by_threshold(const int32_t (&key)[VPT], const float (&s)[VPT], int e0,
-                                                         int sub_lane, int lanes, unsigned sub_mask, int top_k,
+                                                         int sub_lane, int lanes, unsigned sub_mask, int top_k_arg,
                                                          int slots, float* stage) {
+  const int top_k = K > 0 ? K : top_k_arg;
   int32_t v = key[0];
 #pragma unroll
   for (int i = 1; i < VPT; ++i) v = max(v, key[i]);
   int32_t threshold = kInvalidKey;
+#pragma unroll
   for (int r = 0; r < top_k; ++r) {
     const int32_t m = __reduce_max_sync(sub_mask, v);
     threshold = m;
@@ -220,10 +223,12 @@ __device__ __forceinline__ void write_choice(const RoutingOutputs& out, int64_t 
 // Route one token held by `p.lanes` lanes of the warp. Every lane of the warp calls this with the same
 // parameters (inactive sub-warps too, with `active` false and every b invalid), because it shuffles across
 // the whole warp. `b` is finite or NaN (invalid); `stage` is this token's stage_words(p) words of shared
-// memory, 16-byte aligned.
-template <int VPT>
+// memory, 16-byte aligned. K > 0 is p.top_k fixed at compile time: the rounds, the sum and the output loop
+// unroll.
+template <int VPT, int K = 0>
 __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (&b)[VPT], int64_t token, bool active,
                                             const RoutingParams& p, RoutingOutputs out, float* stage) {
+  const int top_k = K > 0 ? K : p.top_k;
   const int lane = threadIdx.x & 31;
   const int lanes = p.lanes;
   const int sub_lane = lane & (lanes - 1);
@@ -293,13 +298,13 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
 
   const int slots = candidate_slots(p);
   float* stage_s = stage + 4 * round_up4(slots);
-  int* stage_id = reinterpret_cast<int*>(stage_s + round_up4(p.top_k));
-  const Selection selection = select_by_threshold<VPT>(key, s, e0, sub_lane, lanes, sub_mask, p.top_k, slots, stage);
+  int* stage_id = reinterpret_cast<int*>(stage_s + round_up4(top_k));
+  const Selection selection = select_by_threshold<VPT, K>(key, s, e0, sub_lane, lanes, sub_mask, top_k, slots, stage);
   bool incomplete = selection == Selection::kIncomplete;
   if (selection == Selection::kTooMany) {
     // top_k rounds of a sub-warp arg-max. The owner of each winner records its s and id in `stage` and
     // drops it from its keys; nothing else crosses lanes.
-    for (int r = 0; r < p.top_k; ++r) {
+    for (int r = 0; r < top_k; ++r) {
       int32_t best_key = kNoKey;
       int best_i = 0;
 #pragma unroll
@@ -329,7 +334,7 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
         stage_id[r] = best_e;
       }
     }
-    pad_chosen(stage_s, p.top_k, sub_lane, lanes);
+    pad_chosen(stage_s, top_k, sub_lane, lanes);
   }
   __syncwarp();
 
@@ -338,7 +343,7 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
   float sum = 0.0f;
   if (!fallback) {
     const float4* chosen = reinterpret_cast<const float4*>(stage_s);
-    for (int q = 0; q < round_up4(p.top_k) / 4; ++q) {
+    for (int q = 0; q < round_up4(top_k) / 4; ++q) {
       const float4 c = chosen[q];
       sum = __fadd_rn(__fadd_rn(__fadd_rn(__fadd_rn(sum, c.x), c.y), c.z), c.w);
     }
@@ -364,10 +369,10 @@ __device__ __forceinline__ void route_token(const float (&s)[VPT], const float (
     }
   }
   __syncwarp();
-  for (int r = sub_lane; r < p.top_k; r += lanes) {
+  for (int r = sub_lane; r < top_k; r += lanes) {
     const float w = fallback ? p.fallback_weight : routed_weight(stage_s[r], denom, p);
     const int id = fallback ? r : stage_id[r];
-    if (active) write_choice(out, token, p.top_k, p.num_experts, r, id, w);
+    if (active) write_choice(out, token, top_k, p.num_experts, r, id, w);
   }
   __syncwarp();
 }

@@ -36,7 +36,7 @@ inline int next_pow2(int v) {
 }
 
 // Capacity (compile-time experts per lane) the kernels are instantiated for.
-inline int vpt_capacity(int vpt) { return vpt <= 8 ? 8 : vpt <= 16 ? 16 : vpt <= 24 ? 24 : 32; }
+inline int vpt_capacity(int vpt) { return vpt <= 8 ? 8 : vpt <= 12 ? 12 : vpt <= 16 ? 16 : vpt <= 24 ? 24 : 32; }
 
 // `vec_elems` is how many experts fill 8 bytes; chunk sizes are rounded up to it so every chunk start stays
 // 8-byte aligned and the loads can be vectorised, without padding lanes with work they do not need.
