@@ -52,6 +52,7 @@ GPU_TESTS = {
     "op/csrc/launch.cuh": ["tests/test_gpu_kernels.py", "tests/test_gpu_cupy.py", "-k", "side_stream or eager_call"],
     "op/csrc/fused_latency.cuh": ["tests/test_reference_rules.py", "-k", "fused and not fused_block"],
     "op/csrc/fused_warp.cuh": ["tests/test_reference_rules.py", "-k", "fused and not fused_block"],
+    "op/csrc/two_kernel.cu": ["tests/test_gpu_kernels.py", "tests/test_reference_rules.py", "-k", "two_kernel"],
     "op/csrc/replay_rows.cu": [
         "tests/test_gpu_graphs.py",
         "-k",

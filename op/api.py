@@ -464,34 +464,64 @@ def noaux_tc(
     return plan(scores, scores_with_bias, num_tokens)
 
 
-def _two_kernel_plan(x, bias, n_group, topk_group, top_k, renormalize, scale, index_dtype, return_scores, num_tokens):
+def _two_kernel_plan(
+    x, bias, n_group, topk_group, top_k, renormalize, scale, index_dtype, return_scores, num_tokens, given_out
+):  # fmt: skip
+    """The call of one signature: one library call launches both kernels, after the library has checked every
+    argument of both (a refused call queues neither). As in ``_fused_plan``, a plan is built for calls with ``out=``
+    or for calls without it, never both."""
     adapter, rows, experts = _check_common(
         x, bias, n_group, topk_group, top_k, scale, index_dtype, num_tokens, True, "two_kernel"
     )
     n_group, topk_group, top_k, renormalize, scale = _routing_args(n_group, topk_group, top_k, renormalize, scale)
     dense = ((rows, experts), "float32")
     topk = _specs_topk(rows, top_k, index_dtype)
-    # The biased scores are scratch the caller never sees, allocated with the outputs.
+    # The biased scores are scratch the caller never sees, allocated with the outputs; kernel 2 reads the scores
+    # kernel 1 wrote, so they are made even where the caller does not want them.
     allocate_all = adapter.allocator([dense, dense, *topk])
-    allocate_dense = adapter.allocator([dense, dense])
-    check_out = _out_checker(adapter, allocate_all()[-1].dtype, [dense, *topk])
-    cast = adapter.on_stream(library().cast_sigmoid_bias)
-    route = adapter.on_stream(library().noaux_tc)
+    take = _two_kernel_given(adapter, allocate_all()[-1].dtype, dense, topk) if given_out else None
+    if rows == 0:
 
-    def run(x, bias, num_tokens, out):
-        if out is None:
+        def run_empty(x, bias, num_tokens, out):
+            scores, _, values, ids = allocate_all() if out is None else take(out)
+            return (scores if return_scores else None), values, ids
+
+        return run_empty
+
+    launch = adapter.on_stream(library().two_kernel_grouped_topk)
+    if take is None:
+
+        def run(x, bias, num_tokens, out):
             scores, biased, values, ids = allocate_all()
-        else:
-            scores, values, ids = check_out(out)
-            fresh, biased = allocate_dense()
-            if scores is None:
-                scores = fresh
-        if rows:
-            cast(x, bias, scores, biased, num_tokens)
-            route(scores, biased, values, ids, num_tokens, n_group, topk_group, top_k, renormalize, scale)
+            launch(x, bias, scores, biased, values, ids, num_tokens, n_group, topk_group, top_k, renormalize, scale)
+            return (scores if return_scores else None), values, ids
+
+        return run
+
+    def run_into(x, bias, num_tokens, out):
+        scores, biased, values, ids = take(out)
+        launch(x, bias, scores, biased, values, ids, num_tokens, n_group, topk_group, top_k, renormalize, scale)
         return (scores if return_scores else None), values, ids
 
-    return run
+    return run_into
+
+
+def _two_kernel_given(adapter, ids_dtype, dense, topk) -> Callable[[Any], tuple]:
+    """``out`` checked and completed with what the caller left out: ``(scores, biased, values, ids)``. Scores the
+    caller does not give are made fresh, and kernel 1 writes them all the same."""
+    check_out = _out_checker(adapter, ids_dtype, [dense, *topk])
+    allocate_pair = adapter.allocator([dense, dense])
+    allocate_biased = adapter.allocator([dense])
+
+    def take(out):
+        scores, values, ids = check_out(out)
+        if scores is None:
+            scores, biased = allocate_pair()
+        else:
+            (biased,) = allocate_biased()
+        return scores, biased, values, ids
+
+    return take
 
 
 def two_kernel_grouped_topk(
@@ -508,7 +538,8 @@ def two_kernel_grouped_topk(
     num_tokens: Any = None,
     out: tuple | None = None,
 ) -> tuple:
-    """Path ``two_kernel``: ``cast_sigmoid_bias`` then ``noaux_tc``, as production engines run it."""
+    """Path ``two_kernel``: ``cast_sigmoid_bias`` then ``noaux_tc``, as production engines run it, both launched by
+    one call into the library."""
     if _compiling():
         from op.torch_ops import compiled_call
 
@@ -522,7 +553,7 @@ def two_kernel_grouped_topk(
             "two_kernel", type(gating_output), gating_output.shape, gating_output.dtype, gating_output.device,
             type(e_score_correction_bias),
             n_group, topk_group, top_k, renormalize, routed_scaling_factor, index_dtype, return_scores,
-            num_tokens is None,
+            num_tokens is None, out is None,
             type(n_group), type(topk_group), type(top_k), type(routed_scaling_factor),
         )  # fmt: skip
         plan = _plans[key]
@@ -535,7 +566,7 @@ def two_kernel_grouped_topk(
             key,
             _two_kernel_plan(
                 gating_output, e_score_correction_bias, n_group, topk_group, top_k, renormalize,
-                routed_scaling_factor, index_dtype, bool(return_scores), num_tokens,
+                routed_scaling_factor, index_dtype, bool(return_scores), num_tokens, out is not None,
             ),
         )  # fmt: skip
     return plan(gating_output, e_score_correction_bias, num_tokens, out)

@@ -12,7 +12,15 @@ from op.testing import assert_routing_close, compare_routing
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
-from op import fused_block_grouped_topk, grouped_topk, two_kernel_grouped_topk  # noqa: E402
+from op import (  # noqa: E402
+    api,
+    cast_sigmoid_bias,
+    fused_block_grouped_topk,
+    grouped_topk,
+    noaux_tc,
+    two_kernel_grouped_topk,
+)
+from op.build import library  # noqa: E402
 
 PATHS = {"fused": grouped_topk, "two_kernel": two_kernel_grouped_topk, "fused_block": fused_block_grouped_topk}
 
@@ -220,16 +228,126 @@ def test_fused_is_exactly_one_kernel_launch(seed):
         assert len(kernels) == 3 * expected, f"{path}: {[e.name for e in kernels]}"
 
 
-def test_public_two_kernel_entry_points_compose(seed):
-    from op import cast_sigmoid_bias, noaux_tc
-
-    config = PRESETS["deepseek_v3"]
-    x, bias = generate_input(config, 333, "bfloat16", seed)
+@pytest.mark.parametrize("num_tokens", [1, 333, 5000])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "x_e160_g8", "x_e512_k32"])
+def test_two_kernel_in_one_call_equals_its_public_kernels_called_apart(name, dtype, num_tokens, seed):
+    """``two_kernel_grouped_topk`` launches both kernels from one library call; its bits are those of
+    ``cast_sigmoid_bias`` then ``noaux_tc``, each its own call, and those of ``fused``."""
+    config = {**PRESETS, **STRESS}[name]
+    x, bias = generate_input(config, num_tokens, dtype, seed, "router_like")
     xd, bd = to_device(x), to_device(bias)
     scores, biased = cast_sigmoid_bias(xd, bd)
-    out = noaux_tc(scores, biased, *config.args())
-    assert out[0] is scores
-    assert_bit_identical({"composed": out, "two_kernel": two_kernel_grouped_topk(xd, bd, *config.args())})
+    apart = noaux_tc(scores, biased, *config.args())
+    assert apart[0] is scores
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    into = poisoned_outputs(num_tokens, config, generator)
+    results = {
+        "cast_sigmoid_bias then noaux_tc": apart,
+        "two_kernel": two_kernel_grouped_topk(xd, bd, *config.args()),
+        "two_kernel into poisoned outputs": two_kernel_grouped_topk(xd, bd, *config.args(), out=into),
+        "fused": grouped_topk(xd, bd, *config.args()),
+    }
+    assert_bit_identical(results)
+    assert_routing_close(apart, x, bias, config)
+
+
+def test_two_kernel_crosses_into_the_library_once_per_call(monkeypatch, seed):
+    crossings = []
+
+    class Recording:
+        def __getattr__(self, name):
+            entry = getattr(library(), name)
+
+            def call(*args):
+                crossings.append(name)
+                return entry(*args)
+
+            return call
+
+    monkeypatch.setattr(api, "_plans", {})
+    monkeypatch.setattr(api, "library", Recording)
+    config = PRESETS["deepseek_v3"]
+    x, bias = generate_input(config, 64, "bfloat16", seed)
+    xd, bd = to_device(x), to_device(bias)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    for _ in range(3):
+        two_kernel_grouped_topk(xd, bd, *config.args())
+        two_kernel_grouped_topk(xd, bd, *config.args(), out=poisoned_outputs(64, config, generator))
+        two_kernel_grouped_topk(xd, bd, *config.args(), return_scores=False)
+    assert crossings == ["two_kernel_grouped_topk"] * 9
+
+
+def _two_kernel_arguments(config, rows, seed) -> dict:
+    """Every argument of the library's ``two_kernel_grouped_topk``, valid, its outputs holding random garbage."""
+    x, bias = generate_input(config, rows, "bfloat16", seed)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    scores, values, ids = poisoned_outputs(rows, config, generator)
+    return {
+        "logits": to_device(x),
+        "bias": to_device(bias),
+        "scores": scores,
+        "biased": torch.randn((rows, config.num_experts), generator=generator, device="cuda"),
+        "values": values,
+        "indices": ids,
+        "num_tokens": torch.tensor([rows], dtype=torch.int32, device="cuda"),
+        "n_group": config.n_group,
+        "topk_group": config.topk_group,
+        "top_k": config.top_k,
+        "renormalize": config.renormalize,
+        "scale": config.routed_scaling_factor,
+    }
+
+
+def _assert_unwritten(tensors, before):
+    torch.cuda.synchronize()
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, before[name]), f"{name} was written by a refused call"
+
+
+# Tensors given in place of a valid one are never smaller than it: were a check lost, the kernels would write
+# within their memory and the missing ValueError alone would fail the test.
+@pytest.mark.parametrize(
+    ("argument", "make", "needle"),
+    [
+        ("top_k", lambda a: 33, r"top_k=33 is out of range: allowed 1 <= top_k <= 32"),
+        ("topk_group", lambda a: 9, r"topk_group=9 is out of range: allowed 1 <= topk_group <= n_group=8"),
+        ("n_group", lambda a: 3, r"n_group=3 does not divide num_experts=256"),
+        ("bias", lambda a: torch.zeros(257, device="cuda"), r"e_score_correction_bias shape \[257\] does not match"),
+        ("scores", lambda a: torch.zeros((65, 256), device="cuda"), r"scores must have shape \[64, 256\]"),
+        ("biased", lambda a: torch.zeros((64, 260), device="cuda"), r"scores_with_bias must have shape \[64, 256\]"),
+        ("biased", lambda a: a["biased"].double(), r"scores_with_bias has dtype float64, expected float32"),
+        ("values", lambda a: torch.zeros((64, 9), device="cuda"), r"topk_values must have shape \[64, 8\]"),
+        ("indices", lambda a: a["values"].clone(), r"topk_indices has dtype float32, expected int64 or int32"),
+        ("num_tokens", lambda a: a["num_tokens"].long(), r"num_tokens has dtype int64, expected int32"),
+    ],
+)
+def test_two_kernel_entry_refuses_a_bad_argument_before_queueing_either_kernel(argument, make, needle, seed):
+    arguments = _two_kernel_arguments(PRESETS["deepseek_v3"], 64, seed)
+    arguments[argument] = make(arguments)
+    written = {name: arguments[name] for name in ("scores", "biased", "values", "indices")}
+    before = {name: t.clone() for name, t in written.items()}
+    with pytest.raises(ValueError, match=needle):
+        library().two_kernel_grouped_topk(*arguments.values())
+    _assert_unwritten(written, before)
+
+
+def test_two_kernel_front_end_refusals_write_no_output(seed):
+    """A ``topk_values`` of the wrong shape given through ``out=`` is refused by the library before kernel 1 writes
+    the scores given with it; a ``top_k`` out of range is refused by the front end."""
+    config = PRESETS["deepseek_v3"]
+    x, bias = generate_input(config, 64, "bfloat16", seed)
+    xd, bd = to_device(x), to_device(bias)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    scores, values, ids = poisoned_outputs(64, config, generator)
+    wide = torch.randn((64, 9), generator=generator, device="cuda")
+    written = {"scores": scores, "topk_values": values, "wide topk_values": wide, "topk_indices": ids}
+    before = {name: t.clone() for name, t in written.items()}
+    with pytest.raises(ValueError, match=r"topk_values must have shape \[64, 8\]"):
+        two_kernel_grouped_topk(xd, bd, *config.args(), out=(scores, wide, ids))
+    with pytest.raises(ValueError, match="top_k=33 is out of range"):
+        two_kernel_grouped_topk(xd, bd, 8, 4, 33, True, 2.5, out=(scores, values, ids))
+    _assert_unwritten(written, before)
 
 
 def test_num_threads_is_refused_for_cuda_tensors():

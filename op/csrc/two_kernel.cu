@@ -81,38 +81,30 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, min_blocks_per_sm(VPT, si
   }
 }
 
-void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, TensorView biased,
-                       Optional<TensorView> num_tokens) {
-  if (logits.ndim() != 2) TVM_FFI_THROW(ValueError) << "gating_output must be 2-D [num_tokens, num_experts]";
-  const int64_t rows = logits.size(0), experts = logits.size(1);
-  if (experts < 2 || experts > kMaxExperts)
-    TVM_FFI_THROW(ValueError) << "num_experts=" << experts << " is out of range: allowed 2 <= num_experts <= "
-                              << kMaxExperts;
-  const FloatKind kind = float_kind(logits, "gating_output");
-  if (!logits.IsContiguous()) TVM_FFI_THROW(ValueError) << "gating_output must be contiguous";
-  if (logits.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << "gating_output must be a CUDA tensor";
-  check_bias(bias, experts, logits);
-  check_matrix(scores, "scores", rows, experts, logits);
-  check_dtype(scores, "scores", kDLFloat, 32);
-  check_matrix(biased, "scores_with_bias", rows, experts, logits);
-  check_dtype(biased, "scores_with_bias", kDLFloat, 32);
-  const int32_t* n_ptr = num_tokens_pointer(num_tokens, logits);
-  if (rows == 0) return;
-  const DeviceGuard guard(logits.device().device_id);
-  const int vec = experts % 4 == 0 && reinterpret_cast<uintptr_t>(data_of(scores)) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(data_of(biased)) % 16 == 0;
+namespace {
+
+// A float32 [rows, experts] matrix on the device of `like`: the pair kernel 1 writes and kernel 2 reads.
+void check_score_matrix(const TensorView& t, const char* name, int64_t rows, int64_t experts, const TensorView& like) {
+  check_matrix(t, name, rows, experts, like);
+  check_dtype(t, name, kDLFloat, 32);
+}
+
+// Kernel 1 on checked arguments. The caller has made the logits' device current: the SM count and stream are its.
+void launch_cast(const TensorView& logits, FloatKind kind, const TensorView& bias, float* scores, float* biased,
+                 const int32_t* num_tokens, int64_t rows, int64_t experts, cudaStream_t stream) {
+  const int device = logits.device().device_id;
+  const int vec = experts % 4 == 0 && reinterpret_cast<uintptr_t>(scores) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(biased) % 16 == 0;
   const int64_t work = (rows * experts + (vec ? 3 : 0)) / (vec ? 4 : 1);
-  const int64_t cap = static_cast<int64_t>(sm_count(logits.device().device_id)) * 8;
+  const int64_t cap = static_cast<int64_t>(sm_count(device)) * 8;
   const int blocks = static_cast<int>(std::min<int64_t>(std::max<int64_t>((work + 255) / 256, 1), cap));
-  cudaStream_t stream = current_stream(logits);
   const FloatKind bkind = float_kind(bias, "e_score_correction_bias");
   auto launch = [&](auto* typed_logits, auto* typed_bias) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(typed_logits)>>;
     using B = std::remove_const_t<std::remove_pointer_t<decltype(typed_bias)>>;
-    launch_dependent("cast_sigmoid_bias launch", cast_sigmoid_bias_kernel<T, B>, blocks, 256, 0, stream,
-                     logits.device().device_id, static_cast<const T*>(data_of(logits)),
-                     static_cast<const B*>(data_of(bias)), static_cast<float*>(data_of(scores)),
-                     static_cast<float*>(data_of(biased)), n_ptr, rows, static_cast<int>(experts), vec);
+    launch_dependent("cast_sigmoid_bias launch", cast_sigmoid_bias_kernel<T, B>, blocks, 256, 0, stream, device,
+                     static_cast<const T*>(data_of(logits)), static_cast<const B*>(data_of(bias)), scores, biased,
+                     num_tokens, rows, static_cast<int>(experts), vec);
   };
   auto with_bias = [&](auto* typed_logits) {
     if (bkind == FloatKind::kFloat32) launch(typed_logits, static_cast<const float*>(nullptr));
@@ -124,6 +116,47 @@ void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, Te
   else with_bias(static_cast<const __half*>(nullptr));
 }
 
+// Kernel 2 reads float32 rows, four elements to a 16-byte load.
+RoutingParams route_params(int64_t experts, int64_t n_group, int64_t topk_group, int64_t top_k, bool renormalize,
+                           double scale) {
+  return make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
+                     static_cast<int>(top_k), renormalize, static_cast<float>(scale), 4);
+}
+
+// Kernel 2 on checked arguments: routes from out.scores and `biased`, rewriting out.scores as the sparse weights.
+void launch_route(const RoutingParams& p, const RoutingOutputs& out, const float* biased, const int32_t* num_tokens,
+                  int64_t rows, int device, cudaStream_t stream) {
+  const int vec = p.vpt % 4 == 0 && p.num_experts % 4 == 0 && reinterpret_cast<uintptr_t>(out.scores) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(biased) % 16 == 0;
+  dispatch_vpt(p.vpt, [&](auto cap) {
+    constexpr int VPT = decltype(cap)::value;
+    launch_routing("noaux_tc launch", noaux_tc_kernel<VPT>, rows, p, stage_bytes(p), stream, device, out.scores,
+                   biased, out, num_tokens, rows, p, vec);
+  });
+}
+
+}  // namespace
+
+void cast_sigmoid_bias(TensorView logits, TensorView bias, TensorView scores, TensorView biased,
+                       Optional<TensorView> num_tokens) {
+  if (logits.ndim() != 2) TVM_FFI_THROW(ValueError) << "gating_output must be 2-D [num_tokens, num_experts]";
+  const int64_t rows = logits.size(0), experts = logits.size(1);
+  if (experts < 2 || experts > kMaxExperts)
+    TVM_FFI_THROW(ValueError) << "num_experts=" << experts << " is out of range: allowed 2 <= num_experts <= "
+                              << kMaxExperts;
+  const FloatKind kind = float_kind(logits, "gating_output");
+  if (!logits.IsContiguous()) TVM_FFI_THROW(ValueError) << "gating_output must be contiguous";
+  if (logits.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << "gating_output must be a CUDA tensor";
+  check_bias(bias, experts, logits);
+  check_score_matrix(scores, "scores", rows, experts, logits);
+  check_score_matrix(biased, "scores_with_bias", rows, experts, logits);
+  const int32_t* n_ptr = num_tokens_pointer(num_tokens, logits);
+  if (rows == 0) return;
+  const DeviceGuard guard(logits.device().device_id);
+  launch_cast(logits, kind, bias, static_cast<float*>(data_of(scores)), static_cast<float*>(data_of(biased)), n_ptr,
+              rows, experts, current_stream(logits));
+}
+
 void noaux_tc(TensorView scores, TensorView biased, TensorView values, TensorView indices,
               Optional<TensorView> num_tokens, int64_t n_group, int64_t topk_group, int64_t top_k, bool renormalize,
               double scale) {
@@ -131,30 +164,39 @@ void noaux_tc(TensorView scores, TensorView biased, TensorView values, TensorVie
   const int64_t rows = scores.size(0), experts = scores.size(1);
   check_routing_args(experts, n_group, topk_group, top_k);
   if (scores.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << "scores must be a CUDA tensor";
-  check_matrix(scores, "scores", rows, experts, scores);
-  check_dtype(scores, "scores", kDLFloat, 32);
-  check_matrix(biased, "scores_with_bias", rows, experts, scores);
-  check_dtype(biased, "scores_with_bias", kDLFloat, 32);
+  check_score_matrix(scores, "scores", rows, experts, scores);
+  check_score_matrix(biased, "scores_with_bias", rows, experts, scores);
   const bool index64 = check_outputs(nullptr, values, indices, rows, experts, top_k, scores);
   const int32_t* n_ptr = num_tokens_pointer(num_tokens, scores);
   if (rows == 0) return;
-  const DeviceGuard guard(scores.device().device_id);
-  RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
-                                static_cast<int>(top_k), renormalize, static_cast<float>(scale), 4);
-  const int vec = p.vpt % 4 == 0 && experts % 4 == 0 && reinterpret_cast<uintptr_t>(data_of(scores)) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(data_of(biased)) % 16 == 0;
-  RoutingOutputs out{static_cast<float*>(data_of(scores)), static_cast<float*>(data_of(values)),
-                     data_of(indices), index64 ? 1 : 0};
-  cudaStream_t stream = current_stream(scores);
-  dispatch_vpt(p.vpt, [&](auto cap) {
-    constexpr int VPT = decltype(cap)::value;
-    launch_routing("noaux_tc launch", noaux_tc_kernel<VPT>, rows, p, stage_bytes(p), stream,
-                   scores.device().device_id, static_cast<float*>(data_of(scores)),
-                   static_cast<const float*>(data_of(biased)), out, n_ptr, rows, p, vec);
-  });
+  const int device = scores.device().device_id;
+  const DeviceGuard guard(device);
+  const RoutingOutputs out{static_cast<float*>(data_of(scores)), static_cast<float*>(data_of(values)),
+                           data_of(indices), index64 ? 1 : 0};
+  launch_route(route_params(experts, n_group, topk_group, top_k, renormalize, scale), out,
+               static_cast<const float*>(data_of(biased)), n_ptr, rows, device, current_stream(scores));
+}
+
+// The whole path in one call from the host: every argument of both kernels is checked before either is queued,
+// and the two launches follow each other on the caller's stream.
+void two_kernel_grouped_topk(TensorView logits, TensorView bias, TensorView scores, TensorView biased,
+                             TensorView values, TensorView indices, Optional<TensorView> num_tokens, int64_t n_group,
+                             int64_t topk_group, int64_t top_k, bool renormalize, double scale) {
+  const FusedCall call =
+      check_fused_call(logits, bias, scores, values, indices, num_tokens, n_group, topk_group, top_k);
+  check_score_matrix(biased, "scores_with_bias", call.rows, call.experts, logits);
+  if (call.rows == 0) return;
+  const int device = logits.device().device_id;
+  const DeviceGuard guard(device);
+  cudaStream_t stream = current_stream(logits);
+  float* scratch = static_cast<float*>(data_of(biased));
+  const RoutingParams p = route_params(call.experts, n_group, topk_group, top_k, renormalize, scale);
+  launch_cast(logits, call.kind, bias, call.out.scores, scratch, call.num_tokens, call.rows, call.experts, stream);
+  launch_route(p, call.out, scratch, call.num_tokens, call.rows, device, stream);
 }
 
 }  // namespace fusedgate
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cast_sigmoid_bias, fusedgate::cast_sigmoid_bias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(noaux_tc, fusedgate::noaux_tc);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(two_kernel_grouped_topk, fusedgate::two_kernel_grouped_topk);
