@@ -39,8 +39,9 @@ struct Buffers {
   void* indices;
   bool index64;
   float* scores;  // null without scores
-  // The AVX-512 loop writes the scores rows through a block buffer and non-temporal stores (cpu_route_avx512.h).
-  bool stream_scores;
+  // The AVX-512 loop writes the scores rows through a block buffer and non-temporal stores, and asks for the
+  // logits of rows ahead before it reads them (cpu_route_avx512.h).
+  bool stream_scores, prefetch_logits;
 };
 
 inline float as_float(uint32_t bits) {

@@ -390,6 +390,9 @@ FUSEDGATE_AVX512 inline bool keep_eight_groups(const Routing& p, __m512 scores, 
   return _mm512_mask_cmp_ps_mask(keep, scores, _mm512_set1_ps(-kInf), _CMP_EQ_OQ) != 0;
 }
 
+// How far ahead, in tokens, the keys phase asks for logits where Buffers::prefetch_logits: two blocks.
+constexpr int kPrefetchTokens = 16;
+
 // Tokens routed together, phase by phase. One token's phases form a chain of dependent steps (bound, candidates,
 // exact keys, ranks, weights) too long for the processor to overlap with the next token's; a phase run over
 // several independent tokens keeps its units busy instead of waiting on that chain.
@@ -477,12 +480,18 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
   // Approximate keys may trail exact ones by delta: a margin of twice that keeps every expert the exact keys
   // choose (cpu_route_avx512.h's header). Exact keys need none.
   const float margin = p.score_groups ? 0.0f : 2.0f * delta;
+  const int64_t row_bytes = E * static_cast<int64_t>(io.logits_kind == FloatKind::kFloat32 ? 4 : 2);
 
   for (int64_t t0 = begin; t0 < end; t0 += kBlockTokens) {
     const int n = static_cast<int>(std::min<int64_t>(kBlockTokens, end - t0));
     // Keys (and, without group scoring, their lane maxima).
     for (int j = 0; j < n; ++j) {
       const float* logits = blk.logits[j] = logits_row(p, io, t0 + j, blk.x[j]);
+      if (io.prefetch_logits && t0 + j + kPrefetchTokens < end) {
+        // Logits too many for the cache arrive from memory; the hardware's own prefetch left the loop waiting.
+        const char* ahead = static_cast<const char*>(io.logits) + (t0 + j + kPrefetchTokens) * row_bytes;
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+      }
       float* key = blk.key[j];
       blk.fallback[j] = false;
       if (p.score_groups) {
