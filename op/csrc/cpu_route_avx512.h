@@ -420,9 +420,11 @@ struct Block {
 };
 
 // The calling thread's block state (too large for the stack of every caller's thread), looked up once per call:
-// in a shared library each thread-local access is a call that saves every vector register.
+// in a shared library each thread-local access is a call that saves every vector register. Internal linkage: the
+// static of an inline function is one object across the process (a unique symbol), so a second build of the
+// library loaded into the same process would use the first one's block, which may be smaller.
 template <int V>
-__attribute__((noinline)) Block<V>& thread_block() {
+__attribute__((noinline)) static Block<V>& thread_block() {
   static thread_local Block<V> block;
   return block;
 }
