@@ -44,7 +44,7 @@ constexpr int64_t kMinExpertsPerThread = 1 << 16;
 // stores and the logits are asked for ahead (cpu_route_avx512.h). On the shared 2-core x86-64 machine, called
 // right after the numpy reference as in the throughput benchmark, streaming gained 10-30% with 6 MB of scores
 // (4096 tokens of 384 experts) and 4 MB (8192 of 128) and lost up to 10% at 1.3-2.6 MB, where plain stores still
-// found the output's lines in the cache; asking for logits ahead gained about 10% at 4-6 MB and cost 1-2% on
+// found the output's lines in the cache; asking for logits ahead gained 7-12% at 4-6 MB and cost up to 3% on
 // rows already in the cache.
 constexpr int64_t kUncachedBytes = int64_t{1} << 22;
 
