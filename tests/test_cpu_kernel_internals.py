@@ -46,6 +46,35 @@ def unwritten_outputs(num_tokens: int, num_experts: int, top_k: int):
     )
 
 
+@pytest.mark.parametrize(("name", "num_tokens"), [("x_e72", 14600), ("fd_kimi_k2", 2800)])
+def test_scores_starting_anywhere_in_a_cache_line_give_the_portable_loop_s_bits(name, num_tokens, seed, monkeypatch):
+    """From 4 MiB of scores the AVX-512 loop writes them through a block buffer laid out like the output's cache
+    lines, by non-temporal stores, and the partial lines at a block's ends by masked stores. Scores starting at
+    every float of a 64-byte line (72 experts also start every other row mid-line), split over three threads:
+    the single-threaded portable loop's bits, and nothing written outside the array. First in this file, so that
+    a stray write fails here before it can corrupt the heap under another test."""
+    config = ALL_CONFIGS[name]
+    size = num_tokens * config.num_experts
+    assert size * 4 >= 1 << 22
+    x, bias = generate_input(config, num_tokens, "float32", seed, "nonfinite")
+    loop = os.environ.get(ISA_ENV)
+    monkeypatch.setenv(ISA_ENV, "portable")
+    want = grouped_topk(x, bias, *config.args(), num_threads=1)
+    if loop is None:
+        monkeypatch.delenv(ISA_ENV)
+    else:
+        monkeypatch.setenv(ISA_ENV, loop)
+    for offset in range(16):
+        backing = np.full(size + 64, np.nan, np.float32)
+        start = (-backing.ctypes.data // 4) % 16 + offset
+        out = unwritten_outputs(num_tokens, config.num_experts, config.top_k)
+        out = (backing[start : start + size].reshape(num_tokens, config.num_experts), *out[1:])
+        grouped_topk(x, bias, *config.args(), out=out, num_threads=3)
+        for got, expected in zip(out, want, strict=True):
+            assert np.array_equal(got, expected), f"scores {offset} floats past a 64-byte boundary"
+        assert np.isnan(backing[:start]).all() and np.isnan(backing[start + size :]).all()
+
+
 @pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "x_e160_g8", "x_e512_k32"])
 @pytest.mark.parametrize("num_tokens", [4919, 130])
 def test_every_thread_count_gives_the_same_bits(name, num_tokens, seed, threads_env):

@@ -39,6 +39,9 @@ struct Buffers {
   void* indices;
   bool index64;
   float* scores;  // null without scores
+  // The AVX-512 loop writes the scores rows through a block buffer and non-temporal stores, and asks for the
+  // logits of rows ahead before it reads them (cpu_route_avx512.h).
+  bool stream_scores, prefetch_logits;
 };
 
 inline float as_float(uint32_t bits) {
@@ -199,9 +202,11 @@ inline bool keep_groups(const Routing& p, const float* group_scores, int* kept) 
   return dead;
 }
 
-// Rules 5-7 for token t: `ids` and `s` of the top_k experts in output order, or the fallback when `fallback`.
+// Rules 5-7 for token t: `ids` and `s` of the top_k experts in output order, or the fallback when `fallback`. The
+// scores go to `scores_row` (none where it is null): the token's row of io.scores, or of a buffer that the caller
+// copies there.
 inline void write_outputs(const Routing& p, const Buffers& io, int64_t t, bool fallback, const int* ids,
-                          const float* s) {
+                          const float* s, float* scores_row) {
   const int K = p.top_k, E = p.experts;
   float* out_w = io.values + t * K;
   int chosen[kMaxTopK];
@@ -228,11 +233,10 @@ inline void write_outputs(const Routing& p, const Buffers& io, int64_t t, bool f
     int32_t* out_i = static_cast<int32_t*>(io.indices) + t * K;
     for (int r = 0; r < K; ++r) out_i[r] = chosen[r];
   }
-  if (io.scores != nullptr) {
+  if (scores_row != nullptr) {
     // Rule 6.
-    float* row = io.scores + t * E;
-    for (int e = 0; e < E; ++e) row[e] = 0.0f;
-    for (int r = 0; r < K; ++r) row[chosen[r]] = out_w[r];
+    for (int e = 0; e < E; ++e) scores_row[e] = 0.0f;
+    for (int r = 0; r < K; ++r) scores_row[chosen[r]] = out_w[r];
   }
 }
 

@@ -271,9 +271,10 @@ FUSEDGATE_AVX512 inline void order16(const int* rank_lanes, int count, __m512i p
 }
 
 // Rules 5-6 for token t from the chosen ids and sigmoids in output order (the sigmoids also stored at
-// `chosen_lanes`), with the operations of write_outputs() in the same order.
+// `chosen_lanes`), with the operations of write_outputs() in the same order. The weights go into `scores_row`
+// (none where it is null), which holds zeros already where `row_zeroed`.
 FUSEDGATE_AVX512 inline void write16(const Routing& p, const Buffers& io, int64_t t, __m512i ids, __m512 chosen_s,
-                                     const float* chosen_lanes) {
+                                     const float* chosen_lanes, float* scores_row, bool row_zeroed) {
   const int K = p.top_k;
   // Rule 5, the sum in output order.
   float sum = chosen_lanes[0];
@@ -291,11 +292,33 @@ FUSEDGATE_AVX512 inline void write16(const Routing& p, const Buffers& io, int64_
   } else {
     _mm512_mask_storeu_epi32(static_cast<int32_t*>(io.indices) + t * K, outputs, ids);
   }
-  if (io.scores != nullptr) {
+  if (scores_row != nullptr) {
     // Rule 6.
-    float* row = io.scores + t * p.experts;
-    for (int e = 0; e < p.experts; e += 16) _mm512_mask_storeu_ps(row + e, first_lanes(p.experts - e), _mm512_setzero_ps());
-    _mm512_mask_i32scatter_ps(row, outputs, ids, w, 4);
+    if (!row_zeroed)
+      for (int e = 0; e < p.experts; e += 16)
+        _mm512_mask_storeu_ps(scores_row + e, first_lanes(p.experts - e), _mm512_setzero_ps());
+    _mm512_mask_i32scatter_ps(scores_row, outputs, ids, w, 4);
+  }
+}
+
+// Copies `count` floats from `staged` + `lead` (`staged` 64-byte aligned) to `out`, whose address lies `lead`
+// floats past a 64-byte boundary, so that buffer and output lines coincide, and leaves zeros in the buffer. Whole
+// lines go by non-temporal stores, which write a line without first reading it into the cache (a plain store
+// reads each line of the scores from memory before overwriting it); the partial lines at either end, which
+// neighbouring blocks share, by masked plain stores. The caller fences before its writes are published.
+FUSEDGATE_AVX512 inline void stream_out(float* staged, int lead, int count, float* out) {
+  float* const line0 = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(out) - sizeof(float) * lead);
+  const int last = (lead + count - 1) / 16;
+  const __mmask16 head = static_cast<__mmask16>(0xffffu << lead);
+  const __mmask16 tail = first_lanes(lead + count - 16 * last);
+  for (int i = 0; i <= last; ++i) {
+    const __m512 v = _mm512_load_ps(staged + 16 * i);
+    if (i == 0 || i == last) {
+      _mm512_mask_storeu_ps(line0 + 16 * i, (i == 0 ? head : 0xffff) & (i == last ? tail : 0xffff), v);
+    } else {
+      _mm512_stream_ps(line0 + 16 * i, v);
+    }
+    _mm512_store_ps(staged + 16 * i, _mm512_setzero_ps());
   }
 }
 
@@ -367,6 +390,9 @@ FUSEDGATE_AVX512 inline bool keep_eight_groups(const Routing& p, __m512 scores, 
   return _mm512_mask_cmp_ps_mask(keep, scores, _mm512_set1_ps(-kInf), _CMP_EQ_OQ) != 0;
 }
 
+// How far ahead, in tokens, the keys phase asks for logits where Buffers::prefetch_logits: two blocks.
+constexpr int kPrefetchTokens = 16;
+
 // Tokens routed together, phase by phase. One token's phases form a chain of dependent steps (bound, candidates,
 // exact keys, ranks, weights) too long for the processor to overlap with the next token's; a phase run over
 // several independent tokens keeps its units busy instead of waiting on that chain.
@@ -385,15 +411,20 @@ struct Block {
   __m512i ids[kBlockTokens];
   __m512 chosen_s[kBlockTokens];  // in output order
   const float* logits[kBlockTokens];
+  // The block's scores rows where they are streamed (Buffers::stream_scores), laid out as in the output from a
+  // 64-byte boundary; all zeros between blocks, so a row needs only its weights written.
+  alignas(64) float staged[kBlockTokens * kMaxExperts + 32];
   Segment segments[kBlockTokens][kMaxGroups];
   int count[kBlockTokens];
   bool fallback[kBlockTokens];
 };
 
 // The calling thread's block state (too large for the stack of every caller's thread), looked up once per call:
-// in a shared library each thread-local access is a call that saves every vector register.
+// in a shared library each thread-local access is a call that saves every vector register. Internal linkage: the
+// static of an inline function is one object across the process (a unique symbol), so a second build of the
+// library loaded into the same process would use the first one's block, which may be smaller.
 template <int V>
-__attribute__((noinline)) Block<V>& thread_block() {
+__attribute__((noinline)) static Block<V>& thread_block() {
   static thread_local Block<V> block;
   return block;
 }
@@ -401,7 +432,8 @@ __attribute__((noinline)) Block<V>& thread_block() {
 // Rules 4-7 for a token with more than 16 candidates (or that falls back): exact order by rank or
 // insertion over candidate arrays.
 FUSEDGATE_AVX512 inline void finish_any(const Routing& p, const Buffers& io, int64_t t, const float* logits,
-                                        const float* s, const float* key, const int* pos, int count, bool fallback) {
+                                        const float* s, const float* key, const int* pos, int count, bool fallback,
+                                        float* scores_row) {
   alignas(64) float cand_key[kRowCapacity];
   alignas(64) float cand_s[kRowCapacity];
   int chosen[kMaxTopK + 1];  // slot top_k takes the candidates ranked below it
@@ -436,7 +468,7 @@ FUSEDGATE_AVX512 inline void finish_any(const Routing& p, const Buffers& io, int
       weights[r] = cand_s[chosen[r]];
     }
   }
-  write_outputs(p, io, t, fallback, ids, weights);
+  write_outputs(p, io, t, fallback, ids, weights, scores_row);
 }
 
 template <int V>
@@ -450,12 +482,18 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
   // Approximate keys may trail exact ones by delta: a margin of twice that keeps every expert the exact keys
   // choose (cpu_route_avx512.h's header). Exact keys need none.
   const float margin = p.score_groups ? 0.0f : 2.0f * delta;
+  const int64_t row_bytes = E * static_cast<int64_t>(io.logits_kind == FloatKind::kFloat32 ? 4 : 2);
 
   for (int64_t t0 = begin; t0 < end; t0 += kBlockTokens) {
     const int n = static_cast<int>(std::min<int64_t>(kBlockTokens, end - t0));
     // Keys (and, without group scoring, their lane maxima).
     for (int j = 0; j < n; ++j) {
       const float* logits = blk.logits[j] = logits_row(p, io, t0 + j, blk.x[j]);
+      if (io.prefetch_logits && t0 + j + kPrefetchTokens < end) {
+        // Logits too many for the cache arrive from memory; the hardware's own prefetch left the loop waiting.
+        const char* ahead = static_cast<const char*>(io.logits) + (t0 + j + kPrefetchTokens) * row_bytes;
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+      }
       float* key = blk.key[j];
       blk.fallback[j] = false;
       if (p.score_groups) {
@@ -538,14 +576,27 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
                 _mm512_maskz_loadu_epi32(first_lanes(count), blk.cand_pos[j]), blk.cand_s[j], &blk.ids[j],
                 &blk.chosen_s[j]);
     }
+    // Scores rows in the block buffer, at the output's offset from a 64-byte boundary, or in the output itself.
+    float* const out_rows = io.scores != nullptr ? io.scores + t0 * E : nullptr;
+    const int lead =
+        io.stream_scores ? static_cast<int>(reinterpret_cast<uintptr_t>(out_rows) / sizeof(float) % 16) : 0;
+    float* const rows = io.stream_scores ? blk.staged + lead : out_rows;
     for (int j = 0; j < n; ++j) {
       const int count = blk.count[j];
+      float* const row = rows != nullptr ? rows + j * E : nullptr;
       if (!blk.fallback[j] && count <= 16) {
-        write16(p, io, t0 + j, blk.ids[j], blk.chosen_s[j], reinterpret_cast<const float*>(&blk.chosen_s[j]));
+        write16(p, io, t0 + j, blk.ids[j], blk.chosen_s[j], reinterpret_cast<const float*>(&blk.chosen_s[j]), row,
+                io.stream_scores);
       } else {
-        finish_any(p, io, t0 + j, blk.logits[j], blk.s[j], blk.key[j], blk.cand_pos[j], count, blk.fallback[j]);
+        finish_any(p, io, t0 + j, blk.logits[j], blk.s[j], blk.key[j], blk.cand_pos[j], count, blk.fallback[j], row);
       }
     }
+    if (io.stream_scores) stream_out(blk.staged, lead, n * E, out_rows);
+  }
+  if (io.stream_scores) {
+    // Non-temporal stores are weakly ordered: without the fence, the store that tells the caller this range is
+    // done could become visible before the rows.
+    _mm_sfence();
   }
 }
 

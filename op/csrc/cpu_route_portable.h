@@ -137,7 +137,7 @@ FUSEDGATE_VECTOR_CLONES void route_rows(const Routing& p, const Buffers& io, int
         weights[r] = s[ids[r]];
       }
     }
-    write_outputs(p, io, t, fallback, ids, weights);
+    write_outputs(p, io, t, fallback, ids, weights, io.scores != nullptr ? io.scores + t * E : nullptr);
   }
 }
 
