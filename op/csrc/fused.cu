@@ -145,8 +145,9 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
                        static_cast<const T*>(data_of(logits)), data_of(bias), call.bias_kind, call.out,
                        call.num_tokens, rows, p, vec);
       };
-      // Kimi-K2's 384 experts route to 8 at 12 a lane: that count unrolls the rounds, the sum and the output
-      // loop. Not with 8 a lane, whose 80-register bound the unrolled code would spill.
+      // Every model preset routes to 8 experts; where a lane holds 12 or 16 of them (Kimi-K2's 384 at 12), that
+      // count fixed unrolls the rounds, the sum and the output loop. Not with 8 a lane, whose 80-register bound
+      // the unrolled code would spill.
       if constexpr (VPT == 12 || VPT == 16) {
         if (top_k == 8) return launch(fused_grouped_topk_kernel<T, VPT, 8>);
       }
