@@ -120,15 +120,21 @@ FUSEDGATE_AVX512 inline __m512 bitonic_step(__m512 v) {
   return _mm512_mask_blend_ps(bitonic_keeps_max(K, J), _mm512_min_ps(v, other), _mm512_max_ps(v, other));
 }
 
-// The 16 lanes of v in descending order (none is NaN): 40 operations against 56 for ranking each lane by counting.
-FUSEDGATE_AVX512 inline __m512 sort16_descending(__m512 v) {
+// The descending bitonic network up to the last merge's first half-cleaner: the 8 largest lanes of v then fill
+// lanes 0-7 (none is NaN).
+FUSEDGATE_AVX512 inline __m512 bitonic_half_cleaned(__m512 v) {
   v = bitonic_step<2, 1>(v);
   v = bitonic_step<4, 2>(v);
   v = bitonic_step<4, 1>(v);
   v = bitonic_step<8, 4>(v);
   v = bitonic_step<8, 2>(v);
   v = bitonic_step<8, 1>(v);
-  v = bitonic_step<16, 8>(v);
+  return bitonic_step<16, 8>(v);
+}
+
+// The 16 lanes of v in descending order (none is NaN): 40 operations against 56 for ranking each lane by counting.
+FUSEDGATE_AVX512 inline __m512 sort16_descending(__m512 v) {
+  v = bitonic_half_cleaned(v);
   v = bitonic_step<16, 4>(v);
   v = bitonic_step<16, 2>(v);
   return bitonic_step<16, 1>(v);
@@ -143,14 +149,7 @@ FUSEDGATE_AVX512 inline float kth_largest(const __m512* m, int top_k) {
       // The merge's first half-cleaner already puts the 8 largest in lanes 0-7, so their least is the bound:
       // three shuffles and three minima instead of the sort's last three steps (four operations each) and a
       // permutation.
-      __m512 v = m[0];
-      v = bitonic_step<2, 1>(v);
-      v = bitonic_step<4, 2>(v);
-      v = bitonic_step<4, 1>(v);
-      v = bitonic_step<8, 4>(v);
-      v = bitonic_step<8, 2>(v);
-      v = bitonic_step<8, 1>(v);
-      v = bitonic_step<16, 8>(v);
+      __m512 v = bitonic_half_cleaned(m[0]);
       v = _mm512_min_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1));
       v = _mm512_min_ps(v, _mm512_permute_ps(v, 0x4e));
       v = _mm512_min_ps(v, _mm512_permute_ps(v, 0xb1));
