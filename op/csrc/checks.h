@@ -16,6 +16,9 @@ namespace fusedgate {
 
 enum class FloatKind { kFloat32, kBFloat16, kFloat16 };
 
+// Bytes of one element of that kind.
+constexpr int bytes_of(FloatKind kind) { return kind == FloatKind::kFloat32 ? 4 : 2; }
+
 inline std::string dtype_str(DLDataType t) {
   std::ostringstream os;
   os << (t.code == kDLFloat ? "float" : t.code == kDLBfloat ? "bfloat" : t.code == kDLInt ? "int" : "code")

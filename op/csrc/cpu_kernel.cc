@@ -199,7 +199,7 @@ void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> s
                           reinterpret_cast<uintptr_t>(call.io.scores) % alignof(float) == 0 &&
                           rows * experts * static_cast<int64_t>(sizeof(float)) >= kUncachedBytes;
   call.io.prefetch_logits =
-      call.isa == Isa::kAvx512 && rows * experts * (kind == FloatKind::kFloat32 ? 4 : 2) >= kUncachedBytes;
+      call.isa == Isa::kAvx512 && rows * experts * bytes_of(kind) >= kUncachedBytes;
 
   if (threads <= 1) {
     route(call, 0, rows);

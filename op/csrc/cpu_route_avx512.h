@@ -526,7 +526,7 @@ FUSEDGATE_AVX512 void route_rows(const Routing& p, const Buffers& io, int64_t be
   // Approximate keys may trail exact ones by delta: a margin of twice that keeps every expert the exact keys
   // choose (cpu_route_avx512.h's header). Exact keys need none.
   const float margin = p.score_groups ? 0.0f : 2.0f * delta;
-  const int64_t row_bytes = E * static_cast<int64_t>(io.logits_kind == FloatKind::kFloat32 ? 4 : 2);
+  const int64_t row_bytes = E * static_cast<int64_t>(bytes_of(io.logits_kind));
 
   for (int64_t t0 = begin; t0 < end; t0 += kBlockTokens) {
     const int n = static_cast<int>(std::min<int64_t>(kBlockTokens, end - t0));

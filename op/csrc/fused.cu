@@ -81,7 +81,7 @@ void fused_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView>
   const FloatKind kind = call.kind;
   if (rows == 0) return;
 
-  const int elem = kind == FloatKind::kFloat32 ? 4 : 2;
+  const int elem = bytes_of(kind);
   RoutingParams p = make_params(static_cast<int>(experts), static_cast<int>(n_group), static_cast<int>(topk_group),
                                 static_cast<int>(top_k), renormalize, static_cast<float>(scale), 8 / elem);
   const int device = logits.device().device_id;
