@@ -12,6 +12,7 @@ is shared between PyTorch and Paddle.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -108,6 +109,21 @@ class _TorchBackend:
 
         return copy_in_and_replay
 
+    def host_replayer(self, dst: Any, graph: Any, host_in: Any, outputs: Sequence[tuple[Any, Any]], event: Any):
+        """Copy-in from host memory, ``graph``'s replay, the copies of ``outputs`` (``(host, device)`` pairs, the
+        host side None for an output not wanted) back to the host and ``event``'s record, bound once to the stream
+        current now: one library call. Its tensors are converted once here, so a call converts none."""
+        import tvm_ffi
+
+        torch, convert = self.torch, tvm_ffi.from_dlpack
+        if not event.cuda_event:
+            raise ValueError("the event has no CUDA event yet (torch creates it at its first record): record it once")
+        handles = [convert(host_in), convert(dst), graph.raw_cuda_graph_exec()]
+        for host, device in outputs:
+            handles += [None, None] if host is None else [convert(host), convert(device)]
+        handles += [event.cuda_event, torch.cuda.current_stream().cuda_stream]
+        return functools.partial(library().replay_host_rows, *handles)
+
 
 class _PaddleBackend(_TorchBackend):
     """Paddle GPU graphs (``paddle.device.cuda.graphs.CUDAGraph`` with one shared pool id)."""
@@ -157,6 +173,9 @@ class _PaddleBackend(_TorchBackend):
             graph.replay()
 
         return copy_in_and_replay
+
+    def host_replayer(self, dst: Any, graph: Any, host_in: Any, outputs: Sequence[tuple[Any, Any]], event: Any):
+        raise NotImplementedError("GraphRunner.from_host is available with framework='torch'")
 
 
 _BACKENDS = {"torch": _TorchBackend, "paddle": _PaddleBackend}
@@ -243,8 +262,7 @@ class GraphRunner:
         attributes = self._domain.get_event_attributes(message=f"{self.path}:{self.name}:bucket{bucket}")
         return b.replayer(b.rows(self.static_logits, count), self._graphs[bucket]), attributes, views, count
 
-    def _run(self, step: tuple, logits: Any, bias: Any) -> tuple:
-        replay, attributes, views, count = step
+    def _prepare(self, bias: Any, count: int) -> None:
         # The bias rarely changes between calls: it is copied only when another tensor, or a modified one, arrives.
         version = getattr(bias, "_version", None)
         if bias is not self._bias or version is None or version != self._bias_version:
@@ -254,11 +272,47 @@ class GraphRunner:
         if self.skip_padding and count != self._count_written:
             self.static_num_tokens.fill_(count)
             self._count_written = count
+
+    def _run(self, step: tuple, logits: Any, bias: Any) -> tuple:
+        replay, attributes, views, count = step
+        self._prepare(bias, count)
         domain = self._domain
         domain.push_range(attributes)
         replay(logits)
         domain.pop_range()
         return views
+
+    def from_host(self, host_logits: Any, host_outputs: Sequence[Any], event: Any) -> Callable[[Any], None]:
+        """A call bound to host buffers (torch only): ``step(bias)`` routes the ``count`` rows of ``host_logits``
+        ([count, E], the runner's dtype, pinned for the copies to be asynchronous) into ``host_outputs``
+        (``(scores or None, topk_values, topk_indices)``, each of ``count`` rows; scores None when not wanted) and
+        records ``event`` behind the copies, all in one library call on the stream current now. The caller waits
+        for the event before reading the outputs, and binds one step per buffer set and count."""
+        count = int(host_logits.shape[0])
+        if not 0 < count <= self.table.largest:
+            raise ValueError(f"host_logits has {count} rows: allowed 1..{self.table.largest} (the largest bucket)")
+        bucket = self.table.bucket_for(count)
+        b = self._backend
+        devices = tuple(None if t is None else b.rows(t, count) for t in self._outputs[bucket])
+        if host_outputs[0] is not None and devices[0] is None:
+            raise ValueError("host_outputs asks for scores from a runner built with return_scores=False")
+        replay = b.host_replayer(
+            b.rows(self.static_logits, count),
+            self._graphs[bucket],
+            host_logits,
+            list(zip(host_outputs, devices, strict=True)),
+            event,
+        )
+        attributes = self._domain.get_event_attributes(message=f"{self.path}:{self.name}:bucket{bucket}:host")
+        domain, prepare = self._domain, self._prepare
+
+        def step(bias: Any) -> None:
+            prepare(bias, count)
+            domain.push_range(attributes)
+            replay()
+            domain.pop_range()
+
+        return step
 
     def __call__(self, logits: Any, bias: Any) -> tuple:
         try:

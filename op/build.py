@@ -22,7 +22,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
 CPU_SOURCES = ("cpu_kernel.cc",)
-CUDA_SOURCES = ("fused.cu", "two_kernel.cu", "fused_block.cu", "replay_rows.cu")
+CUDA_SOURCES = ("fused.cu", "two_kernel.cu", "fused_block.cu", "replay_rows.cu", "replay_host_rows.cu")
 CUDA_FLAGS = ("-std=c++17", "--expt-relaxed-constexpr", "-lineinfo")
 # -ffp-contract=off: no fused multiply-add changes a rounding. -fno-trapping-math: lets the compiler turn the CPU
 # kernel's float selects into vector blends (it changes no result, only whether FP exceptions may be raised).

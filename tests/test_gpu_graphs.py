@@ -170,3 +170,86 @@ def test_overlapping_rows_are_refused_before_anything_is_queued(seed):
     # Neither the copy nor the replay ran.
     assert torch.equal(runner.static_logits, x)
     assert all(bool((output == -7).all()) for output in runner._outputs[8])
+
+
+def host_buffers(config, count, with_scores):
+    """Pinned host outputs of ``count`` rows: scores (or None), topk_values, topk_indices, filled with -7."""
+    shapes = ((config.num_experts, torch.float32), (config.top_k, torch.float32), (config.top_k, torch.int64))
+    buffers = [torch.full((count, width), -7, dtype=dtype, pin_memory=True) for width, dtype in shapes]
+    return (buffers[0] if with_scores else None, buffers[1], buffers[2])
+
+
+@pytest.mark.parametrize("with_scores", [True, False])
+@pytest.mark.parametrize("count", [1, 5, 8, 13])
+def test_a_batch_from_host_memory_matches_eager(count, with_scores, seed):
+    config = PRESETS["deepseek_v3"]
+    runner = GraphRunner("fused", config, [8, 16], "float32", return_scores=with_scores)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    event = torch.cuda.Event()
+    event.record()
+    for _ in range(2):  # fresh logits through one bound step: each call copies its rows in
+        x, bias = inputs(config, count, generator)
+        x = x.float()
+        host_in = x.cpu().pin_memory()
+        host_out = host_buffers(config, count, with_scores)
+        step = runner.from_host(host_in, host_out, event)
+        step(bias)
+        event.synchronize()
+        expected = op.grouped_topk(x, bias, *config.args(), return_scores=with_scores)
+        assert_same(host_out, tuple(None if e is None else e.cpu() for e in expected))
+
+
+def test_a_bound_host_step_sees_new_logits_and_bias_on_every_call(seed):
+    config = PRESETS["deepseek_v3"]
+    runner = GraphRunner("fused", config, [8], "float32")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    event = torch.cuda.Event()
+    event.record()
+    host_in = torch.empty((6, config.num_experts), pin_memory=True)
+    host_out = host_buffers(config, 6, True)
+    step = runner.from_host(host_in, host_out, event)
+    for _ in range(3):
+        x, bias = inputs(config, 6, generator)
+        host_in.copy_(x.float().cpu())
+        step(bias)
+        event.synchronize()
+        expected = op.grouped_topk(x.float(), bias, *config.args())
+        assert_same(host_out, tuple(e.cpu() for e in expected))
+
+
+def test_a_refused_host_call_queues_nothing(seed):
+    config = PRESETS["deepseek_v3"]
+    runner = GraphRunner("fused", config, [8], "float32")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x, bias = inputs(config, 8, generator)
+    runner(x.float(), bias)
+    event = torch.cuda.Event()
+    event.record()
+    torch.cuda.synchronize()
+    before = [runner.static_logits.clone(), *(t.clone() for t in runner._outputs[8])]
+    host_in = torch.randn((4, config.num_experts), generator=generator, device="cuda").cpu().pin_memory()
+    # topk_values one row too many: refused by the library at the call, after the binding took it.
+    scores, values, ids = host_buffers(config, 4, True)
+    step = runner.from_host(host_in, (scores, torch.full((5, config.top_k), -7.0, pin_memory=True), ids), event)
+    with pytest.raises(ValueError, match="topk_values host \\[5, 8\\] must have 4 rows"):
+        step(bias)
+    torch.cuda.synchronize()
+    after = [runner.static_logits, *runner._outputs[8]]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert bool((scores == -7).all()) and bool((ids == -7).all())
+
+
+def test_from_host_validates_its_buffers():
+    config = PRESETS["deepseek_v3"]
+    runner = GraphRunner("fused", config, [8], "float32", return_scores=False)
+    event = torch.cuda.Event()
+    with pytest.raises(ValueError, match="allowed 1..8"):
+        runner.from_host(torch.empty((9, 256), pin_memory=True), host_buffers(config, 9, False), event)
+    with pytest.raises(ValueError, match="return_scores=False"):
+        runner.from_host(torch.empty((2, 256), pin_memory=True), host_buffers(config, 2, True), event)
+    with pytest.raises(ValueError, match="record it once"):
+        runner.from_host(torch.empty((2, 256), pin_memory=True), host_buffers(config, 2, False), event)
+    event.record()
+    on_device = torch.empty((2, 256), device="cuda")
+    with pytest.raises(ValueError, match="must be in host memory"):
+        runner.from_host(on_device, host_buffers(config, 2, False), event)(torch.zeros(256, device="cuda"))

@@ -50,6 +50,17 @@ class RecordingBackend:
 
         return copy_in_and_replay
 
+    def host_replayer(self, dst, graph, host_in, outputs, event):
+        def copy_in_replay_copy_out():
+            self.copy(dst, host_in)
+            self.replay(graph)
+            for host, device in outputs:
+                if host is not None:
+                    self.copy(host, device)
+            event.record()
+
+        return copy_in_replay_copy_out
+
     def synchronize(self):
         pass
 
@@ -160,3 +171,54 @@ def test_batches_above_the_largest_bucket_are_replayed_in_chunks_into_owned_outp
     assert runner._backend.replays == replays + 3  # 8 + 8 + 3 rows
     assert_equal_to_eager(result, x, bias)
     assert result[1].data_ptr() not in {t.data_ptr() for t in runner._static_out if t is not None}
+
+
+class _Event:
+    def __init__(self) -> None:
+        self.records = 0
+
+    def record(self) -> None:
+        self.records += 1
+
+
+def test_a_step_from_host_buffers_copies_in_replays_once_copies_out_and_records(make_runner, seed):
+    runner = make_runner()
+    backend, event = runner._backend, _Event()
+    host_in = torch.empty((5, CONFIG.num_experts))
+    host_out = (
+        torch.empty((5, CONFIG.num_experts)),
+        torch.empty((5, CONFIG.top_k)),
+        torch.empty((5, 8), dtype=torch.int64),
+    )
+    step = runner.from_host(host_in, host_out, event)
+    for call in range(3):
+        x, bias = fresh_input(5, seed + call)
+        host_in.copy_(x)
+        replays = backend.replays
+        step(bias)
+        assert backend.replays == replays + 1 and event.records == call + 1
+        assert_equal_to_eager(host_out, x, bias)
+
+
+def test_a_step_from_host_leaves_the_scores_out_when_not_asked_and_sees_a_new_bias(make_runner, seed):
+    runner = make_runner()
+    host_in = torch.empty((3, CONFIG.num_experts))
+    host_out = (None, torch.empty((3, CONFIG.top_k)), torch.empty((3, 8), dtype=torch.int64))
+    step = runner.from_host(host_in, host_out, _Event())
+    x, bias = fresh_input(3, seed)
+    host_in.copy_(x)
+    step(bias)
+    step(bias + 0.5)
+    expected = op.grouped_topk(x, bias + 0.5, *CONFIG.args())
+    assert torch.equal(host_out[1], expected[1]) and torch.equal(host_out[2], expected[2])
+
+
+def test_from_host_refuses_counts_outside_the_buckets_and_scores_the_runner_does_not_make(make_runner):
+    runner = make_runner()
+    outputs = (None, torch.empty((9, 8)), torch.empty((9, 8), dtype=torch.int64))
+    for rows in (0, 9):
+        with pytest.raises(ValueError, match=f"host_logits has {rows} rows: allowed 1..8"):
+            runner.from_host(torch.empty((rows, CONFIG.num_experts)), outputs, _Event())
+    bare = make_runner(return_scores=False)
+    with pytest.raises(ValueError, match="return_scores=False"):
+        bare.from_host(torch.empty((2, 256)), (torch.empty((2, 256)), *outputs[1:]), _Event())

@@ -95,9 +95,10 @@ class _CpuBackend:
 
 
 class _GpuBackend:
-    """The float32 graph runner, fed from pinned host memory. A batch costs one asynchronous copy in, the replay,
-    one asynchronous copy out per output and an event behind them; no torch op depends on the number of requests
-    in it. The event says when the outputs are in: polled from the event loop, waited for from a worker thread."""
+    """The float32 graph runner, fed from pinned host memory. A batch is one library call (``GraphRunner.from_host``):
+    the copy in, the replay, the copies out and an event behind them, queued asynchronously; no torch op runs per
+    batch and none depends on the number of requests in it. The event says when the outputs are in: polled from the
+    event loop, waited for from a worker thread."""
 
     def __init__(self, model: ServedModel):
         import torch
@@ -123,8 +124,9 @@ class _GpuBackend:
             torch.empty((self.largest, model.config.top_k), dtype=torch.float32, pin_memory=True),
             torch.empty((self.largest, model.config.top_k), dtype=getattr(torch, s.index_dtype), pin_memory=True),
         )
-        self.stream = torch.cuda.current_stream()
         self.done = torch.cuda.Event()
+        # torch creates the CUDA event at its first record; the bound steps take its handle.
+        self.done.record(torch.cuda.current_stream())
         self._views: dict[int, tuple] = {}
         self._arrays: tuple = ()
 
@@ -132,13 +134,8 @@ class _GpuBackend:
         views = self._views.get(rows)
         if views is None:
             host = tuple(None if h is None else h[:rows] for h in self.host_out)
-            views = (
-                self.staging[:rows].numpy(),
-                self.staging[:rows],
-                self.runner.static_logits[:rows],
-                host,
-                tuple(None if h is None else h.numpy() for h in host),
-            )
+            step = self.runner.from_host(self.staging[:rows], host, self.done)
+            views = (self.staging[:rows].numpy(), step, tuple(None if h is None else h.numpy() for h in host))
             if len(self._views) < VIEW_CACHE_ENTRIES:
                 self._views[rows] = views
         return views
@@ -147,17 +144,10 @@ class _GpuBackend:
         rows = sum(len(part) for part in parts)
         if rows > self.largest:
             raise ValueError(f"a batch of {rows} rows passes the largest bucket, {self.largest}")
-        staged, pinned, device, host, self._arrays = self._views_for(rows)
+        staged, step, self._arrays = self._views_for(rows)
         # One call for all the parts (a copy per part cost about 1 µs more each).
         np.concatenate(parts, out=staged, casting="same_kind")
-        device.copy_(pinned, non_blocking=True)
-        # The logits are in the runner's own input rows already: its copy-in is then one torch sees as a copy of
-        # a tensor onto itself, which returns at once.
-        outputs = self.runner(device, self.bias)
-        for dst, src in zip(host, outputs, strict=True):
-            if dst is not None:
-                dst.copy_(src, non_blocking=True)
-        self.done.record(self.stream)
+        step(self.bias)
 
     def ready(self) -> bool:
         return self.done.query()
