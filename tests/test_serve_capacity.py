@@ -47,3 +47,18 @@ def test_the_request_cost_run_answers_every_request_of_both_applications():
     for line in lines[2:]:
         bare, served = (float(cell) for cell in line.strip("| ").split(" | ")[2:4])
         assert bare > 0 and served > 0
+
+
+def test_the_stage_timings_time_every_stage_of_requests_under_load(tmp_path):
+    """The timed child serves the capacity run's body; every stage is timed, once a request or once a batch."""
+    from graphs.serve import stages
+
+    out = tmp_path / "stages.md"
+    stages.main(["--seconds", "0.5", "--concurrency", "1", "--bodies", "JSON T=1", "--out", str(out)])
+    cells = [line.strip("| ").split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")]
+    rows = dict(cells[1:])
+    for name, per_batch in stages.STAGES:
+        value = rows[f"{name} µs{' per batch' if per_batch else ''}"]
+        assert float(value) > 0, (name, value)
+    assert float(rows["server CPU µs per request"]) > 0
+    assert rows["requests per batch"] == "1.0"

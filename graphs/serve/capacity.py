@@ -93,9 +93,11 @@ def _pinned(cores: str, command: list[str]) -> list[str]:
     return ["taskset", "-c", cores, *command]
 
 
-def start_server(command: list[str], cores: str) -> tuple[subprocess.Popen, str]:
+def start_server(command: list[str], cores: str, stdout: bool = False) -> tuple[subprocess.Popen, str]:
+    """``command --port P`` pinned to ``cores``, once it answers ready; ``stdout``: its output kept in a pipe."""
     port = _free_port()
-    process = subprocess.Popen(_pinned(cores, [*command, "--port", str(port)]))
+    pipe = {"stdout": subprocess.PIPE, "text": True} if stdout else {}
+    process = subprocess.Popen(_pinned(cores, [*command, "--port", str(port)]), **pipe)
     url = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while True:
