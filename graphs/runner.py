@@ -286,8 +286,9 @@ class GraphRunner:
         """A call bound to host buffers (torch only): ``step(bias)`` routes the ``count`` rows of ``host_logits``
         ([count, E], the runner's dtype, pinned for the copies to be asynchronous) into ``host_outputs``
         (``(scores or None, topk_values, topk_indices)``, each of ``count`` rows; scores None when not wanted) and
-        records ``event`` behind the copies, all in one library call on the stream current now. The caller waits
-        for the event before reading the outputs, and binds one step per buffer set and count."""
+        records ``event`` behind the copies, all in one library call on the stream current now; call the step on that
+        stream, which also takes the bias's copy when it changes. The caller waits for the event before reading the
+        outputs or writing ``host_logits`` again, and binds one step per buffer set and count."""
         count = int(host_logits.shape[0])
         if not 0 < count <= self.table.largest:
             raise ValueError(f"host_logits has {count} rows: allowed 1..{self.table.largest} (the largest bucket)")
