@@ -6,6 +6,7 @@
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -25,6 +26,12 @@ inline std::string dtype_str(DLDataType t) {
      << static_cast<int>(t.bits);
   return os.str();
 }
+
+// Whether two tensors hold the same element type (code, bits and lanes).
+inline bool same_dtype(DLDataType a, DLDataType b) { return a.code == b.code && a.bits == b.bits && a.lanes == b.lanes; }
+
+// Bytes of one element of `t`'s type, lanes included.
+inline size_t element_bytes(DLDataType t) { return (static_cast<size_t>(t.bits) * t.lanes + 7) / 8; }
 
 inline FloatKind float_kind(const tvm::ffi::TensorView& t, const char* name) {
   const DLDataType d = t.dtype();
@@ -69,10 +76,9 @@ inline void check_matrix(const tvm::ffi::TensorView& t, const char* name, int64_
 }
 
 inline void check_dtype(const tvm::ffi::TensorView& t, const char* name, uint8_t code, uint8_t bits) {
-  const DLDataType d = t.dtype();
-  if (d.code != code || d.bits != bits || d.lanes != 1)
-    TVM_FFI_THROW(ValueError) << name << " has dtype " << dtype_str(d) << ", expected "
-                              << dtype_str(DLDataType{code, bits, 1});
+  const DLDataType d = t.dtype(), expected{code, bits, 1};
+  if (!same_dtype(d, expected))
+    TVM_FFI_THROW(ValueError) << name << " has dtype " << dtype_str(d) << ", expected " << dtype_str(expected);
 }
 
 inline void check_bias(const tvm::ffi::TensorView& bias, int64_t num_experts, const tvm::ffi::TensorView& like) {

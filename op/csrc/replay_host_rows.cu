@@ -15,10 +15,7 @@ bool on_host(const TensorView& t) {
   return type == kDLCPU || type == kDLCUDAHost;
 }
 
-size_t row_bytes(const TensorView& t) {
-  const DLDataType d = t.dtype();
-  return static_cast<size_t>(t.size(1)) * ((d.bits * d.lanes + 7) / 8);
-}
+size_t row_bytes(const TensorView& t) { return static_cast<size_t>(t.size(1)) * element_bytes(t.dtype()); }
 
 // A host buffer of exactly `rows` rows and the device buffer whose leading rows it stands for.
 void check_pair(const TensorView& host, const TensorView& device, const TensorView& like, int64_t rows,
@@ -31,7 +28,7 @@ void check_pair(const TensorView& host, const TensorView& device, const TensorVi
   if (!same_device(device, like))
     TVM_FFI_THROW(ValueError) << "replay_host_rows: the device " << name << " must be on the graph's CUDA device";
   const DLDataType a = host.dtype(), b = device.dtype();
-  if (a.code != b.code || a.bits != b.bits || a.lanes != b.lanes)
+  if (!same_dtype(a, b))
     TVM_FFI_THROW(ValueError) << "replay_host_rows: " << name << " has host dtype " << dtype_str(a) << ", device "
                               << dtype_str(b);
   if (!host.IsContiguous() || !device.IsContiguous())

@@ -13,7 +13,7 @@ void replay_rows(TensorView dst, TensorView src, int64_t graph_exec) {
   if (src.device().device_type != kDLCUDA || !same_device(src, dst))
     TVM_FFI_THROW(ValueError) << "replay_rows: src and dst must be CUDA tensors on one device";
   const DLDataType a = src.dtype(), b = dst.dtype();
-  if (a.code != b.code || a.bits != b.bits || a.lanes != b.lanes)
+  if (!same_dtype(a, b))
     TVM_FFI_THROW(ValueError) << "replay_rows: src has dtype " << dtype_str(a) << ", dst " << dtype_str(b);
   if (!src.IsContiguous() || !dst.IsContiguous())
     TVM_FFI_THROW(ValueError) << "replay_rows: tensors must be contiguous";
@@ -21,7 +21,7 @@ void replay_rows(TensorView dst, TensorView src, int64_t graph_exec) {
     TVM_FFI_THROW(ValueError) << "replay_rows: src [" << src.size(0) << ", " << src.size(1)
                               << "] must have dst's columns and at most its " << dst.size(0) << " rows";
   if (graph_exec == 0) TVM_FFI_THROW(ValueError) << "replay_rows: graph_exec must be an instantiated graph, got 0";
-  const size_t bytes = static_cast<size_t>(src.numel()) * ((a.bits * a.lanes + 7) / 8);
+  const size_t bytes = static_cast<size_t>(src.numel()) * element_bytes(a);
   const char* from = static_cast<const char*>(data_of(src));
   char* to = static_cast<char*>(data_of(dst));
   if (from != to && from < to + bytes && to < from + bytes)
