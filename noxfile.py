@@ -118,7 +118,11 @@ def gpu(session: nox.Session) -> None:
     cuda_host(session, with_tests=True)
     session.run("python3", "-m", "op.build", env=GPU_ENV)
     # The rule tests carry GPU cases too: every rule over fused, two_kernel, fused_block and composite_torch.
-    files = sorted(str(p) for p in Path("tests").glob("test_gpu_*.py")) + ["tests/test_reference_rules.py"]
+    # So do the torch extension's tests: every entry point through it against the tvm-ffi path.
+    files = sorted(str(p) for p in Path("tests").glob("test_gpu_*.py")) + [
+        "tests/test_reference_rules.py",
+        "tests/test_torch_call.py",
+    ]
     session.run("python3", "-m", "pytest", "-m", "gpu", "-n", "8", *files, *session.posargs, env=GPU_ENV)
 
 

@@ -91,6 +91,9 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
         # the rest).
         Row("library entry point alone, outputs given", _library_call(cuda, x, bias, out, args)),
         Row("library entry point alone, no scores", _library_call(cuda, x, bias, (None, *out[1:]), args)),
+        # An eager call is its plan's look-up and its plan; the plan of each path alone, in this process.
+        Row("op.grouped_topk's plan alone: torch extension", _plan_alone(True, "fused", x, bias, args)),
+        Row("op.grouped_topk's plan alone: tvm-ffi, outputs from Python", _plan_alone(False, "fused", x, bias, args)),
     ]
     if not cuda:
         return rows
@@ -102,6 +105,11 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
             sigmoid,
             two_kernel_target,
         ),  # fmt: skip
+        Row("op.two_kernel_grouped_topk's plan alone: torch extension", _plan_alone(True, "two", x, bias, args)),
+        Row(
+            "op.two_kernel_grouped_topk's plan alone: tvm-ffi, outputs from Python",
+            _plan_alone(False, "two", x, bias, args),
+        ),
         Row("op.cast_sigmoid_bias eager", lambda: op.cast_sigmoid_bias(x, bias), sigmoid),
         Row("op.noaux_tc eager", lambda: op.noaux_tc(scores, biased, *args), sigmoid),
         Row("op.fused_block_grouped_topk eager", lambda: op.fused_block_grouped_topk(x, bias, *args), sigmoid),
@@ -163,6 +171,26 @@ def _one_buffer(torch, device: str, shapes) -> Callable[[], object]:
         )
 
     return allocate
+
+
+def _plan_alone(extension: bool, path: str, x, bias, args) -> Callable[[], object]:
+    """The plan an eager call of ``path`` ("fused" or "two") finds, built with the torch extension or without it
+    (``FUSEDGATE_TORCH_CALL=0``) and called without the look-up."""
+    from op import api
+
+    saved = os.environ.get("FUSEDGATE_TORCH_CALL")
+    os.environ["FUSEDGATE_TORCH_CALL"] = "1" if extension else "0"
+    try:
+        if path == "fused":
+            plan = api._fused_plan("fused_grouped_topk", False, x, bias, *args, "int64", True, None, None, False)
+        else:
+            plan = api._two_kernel_plan(x, bias, *args, "int64", True, None, False)
+    finally:
+        if saved is None:
+            os.environ.pop("FUSEDGATE_TORCH_CALL")
+        else:
+            os.environ["FUSEDGATE_TORCH_CALL"] = saved
+    return lambda: plan(x, bias, None, None)
 
 
 def _library_call(cuda: bool, x, bias, out, args) -> Callable[[], object]:

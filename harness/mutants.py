@@ -44,6 +44,7 @@ CPU_TESTS = {
         ]
         for name in ("cpu_kernel.cc", "cpu_route.h", "cpu_route_portable.h", "cpu_route_avx512.h")
     },
+    "op/csrc/torch/torch_call.cc": ["tests/test_torch_call.py"],
 }
 GPU_TESTS = {
     "op/csrc/routing.cuh": ["tests/test_reference_rules.py", "-k", "fused or two_kernel"],
@@ -59,6 +60,7 @@ GPU_TESTS = {
         "bias_changes or converted_on_copy_in or own_rows or overlapping",
     ],
     "op/csrc/replay_host_rows.cu": ["tests/test_gpu_graphs.py", "-k", "host"],
+    "op/csrc/torch/torch_call.cc": ["tests/test_torch_call.py", "-k", "current_stream"],
 }
 # The rule tests route a few tokens, which `fused` sends to its block-per-token kernel; the warp kernel's rows
 # run them with that kernel forced. Likewise the rows of the portable CPU loop and of the pieces it

@@ -193,6 +193,24 @@ def _check_num_threads(num_threads: Any, cuda: bool) -> None:
         )
 
 
+# The inputs of a plan's call, with whether each may be None: ``out`` is None in every plan that allocates.
+_ROUTING_INPUTS = (("gating_output", False), ("e_score_correction_bias", False), ("num_tokens", True), ("out", True))
+
+
+def _torch_call(adapter, x, entry, outputs, arguments, returns, release_gil=False, inputs=_ROUTING_INPUTS):
+    """For torch tensors, the plan's call as one call of the torch extension (``op.torch_call``): allocation, the
+    library call and the outputs in one crossing. None for other frameworks, or where the extension is off."""
+    if adapter.framework != "torch":
+        return None
+    from op import torch_call
+
+    return torch_call.plan(entry, x.device, inputs, outputs, arguments, returns, release_gil)
+
+
+def _routing_scalars(n_group, topk_group, top_k, renormalize, scale) -> list:
+    return [("int", n_group), ("int", topk_group), ("int", top_k), ("bool", renormalize), ("float", scale)]
+
+
 def _cpu_entry(rows: int, experts: int):
     """The CPU entry point, keeping the GIL for small batches (a separate function object: the flag is its own)."""
     entry = library().get_function("cpu_grouped_topk")
@@ -229,6 +247,25 @@ def _fused_plan(
 
         return given_empty
 
+    # The C++ kernel's thread count: 0 leaves it to $FUSEDGATE_CPU_THREADS or the process's CPU affinity.
+    threads = 0 if num_threads is None else int(num_threads)
+    if check_out is None:
+        # Scores, when wanted, are output 0; values and ids follow.
+        wanted = [dense, *topk] if scores else topk
+        first = 1 if scores else 0
+        scores_arg = ("output", 0) if scores else ("none", None)
+        values_ids = [("output", first), ("output", first + 1)]
+        head = [("input", 0), ("input", 1), scores_arg, *values_ids]
+        tail = _routing_scalars(n_group, topk_group, top_k, renormalize, scale)
+        direct = _torch_call(
+            adapter, x, entry if adapter.cuda else "cpu_grouped_topk", wanted,
+            [*head, ("input", 2), *tail] if adapter.cuda else [*head, *tail, ("int", threads)],
+            [scores_arg, *values_ids],
+            release_gil=not adapter.cuda and rows * experts >= GIL_RELEASE_MIN_EXPERTS,
+        )  # fmt: skip
+        if direct is not None:
+            return direct
+
     if adapter.cuda:
         launch = adapter.on_stream(getattr(library(), entry))
         if check_out is None:
@@ -250,8 +287,6 @@ def _fused_plan(
         return run_into
 
     launch = _cpu_entry(rows, experts)
-    # The C++ kernel's thread count: 0 leaves it to $FUSEDGATE_CPU_THREADS or the process's CPU affinity.
-    threads = 0 if num_threads is None else int(num_threads)
     if adapter.framework == "numpy":
 
         def run_numpy(x, bias, num_tokens, out):
@@ -362,6 +397,13 @@ def _cast_plan(x, bias, num_tokens):
     allocate = adapter.allocator([dense, dense])
     if rows == 0:
         return lambda x, bias, num_tokens: allocate()
+    direct = _torch_call(
+        adapter, x, "cast_sigmoid_bias", [dense, dense],
+        [("input", 0), ("input", 1), ("output", 0), ("output", 1), ("input", 2)], [("output", 0), ("output", 1)],
+        inputs=_ROUTING_INPUTS[:3],
+    )  # fmt: skip
+    if direct is not None:
+        return direct
     launch = adapter.on_stream(library().cast_sigmoid_bias)
 
     def run(x, bias, num_tokens):
@@ -409,6 +451,15 @@ def _noaux_plan(scores, biased, n_group, topk_group, top_k, renormalize, scale, 
     n_group, topk_group, top_k, renormalize, scale = _routing_args(n_group, topk_group, top_k, renormalize, scale)
     if rows == 0:
         return lambda scores, biased, num_tokens: (scores, *allocate())
+    direct = _torch_call(
+        adapter, scores, "noaux_tc", _specs_topk(rows, top_k, index_dtype),
+        [("input", 0), ("input", 1), ("output", 0), ("output", 1), ("input", 2),
+         *_routing_scalars(n_group, topk_group, top_k, renormalize, scale)],
+        [("input", 0), ("output", 0), ("output", 1)],
+        inputs=(("scores", False), ("scores_with_bias", False), ("num_tokens", True)),
+    )  # fmt: skip
+    if direct is not None:
+        return direct
     launch = adapter.on_stream(library().noaux_tc)
 
     def run(scores, biased, num_tokens):
@@ -488,6 +539,15 @@ def _two_kernel_plan(
 
         return run_empty
 
+    if take is None:
+        direct = _torch_call(
+            adapter, x, "two_kernel_grouped_topk", [dense, dense, *topk],
+            [("input", 0), ("input", 1), *(("output", n) for n in range(4)), ("input", 2),
+             *_routing_scalars(n_group, topk_group, top_k, renormalize, scale)],
+            [("output", 0) if return_scores else ("none", None), ("output", 2), ("output", 3)],
+        )  # fmt: skip
+        if direct is not None:
+            return direct
     launch = adapter.on_stream(library().two_kernel_grouped_topk)
     if take is None:
 

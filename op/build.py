@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -223,6 +224,10 @@ def main() -> int:
     path = build_library(verbose=True)
     print(f"library: {path}")
     print(f"CUDA kernels: {'yes, archs ' + ';'.join(cuda_archs()) if has_cuda_kernels() else 'no (nvcc not found)'}")
+    if importlib.util.find_spec("torch") is not None:
+        from op.torch_call import main as torch_call_main
+
+        torch_call_main()
     if has_cuda_kernels():
         print(resource_report())
     return 0
