@@ -67,10 +67,11 @@ def _rows(torch, device: str, tokens: int) -> list[Row]:
                 torch.empty(shapes[2], dtype=i64, device=device),
             ),
         ),
-        # How the op allocates its outputs (bound empty_like on the CPU, bound new_empty on CUDA, where a plan must
-        # hold no device memory), and the alternatives it measured against: bound new_empty with the sizes, and
-        # one allocation cut into the outputs by views.
-        Row("the op's allocation of the three outputs", _op_allocation(torch, device, shapes)),
+        # How the tvm-ffi path allocates its outputs (bound empty_like on the CPU, bound new_empty on CUDA, where a
+        # plan must hold no device memory), and the alternatives it measured against: bound new_empty with the
+        # sizes, and one allocation cut into the outputs by views. Torch calls take the torch extension, which
+        # allocates in C++ (the plan rows below).
+        Row("the tvm-ffi path's allocation of the three outputs", _op_allocation(torch, device, shapes)),
         Row("three bound new_empty", _new_empty(torch, device, shapes)),
         Row("one torch.empty cut into the outputs (view + 3 as_strided)", _one_buffer(torch, device, shapes)),
         Row("op.grouped_topk eager", lambda: op.grouped_topk(x, bias, *args), sigmoid, eager_target),
