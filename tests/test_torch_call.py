@@ -23,6 +23,13 @@ torch = pytest.importorskip("torch")
 DEEPSEEK = PRESETS["deepseek_v3"]
 
 
+@pytest.fixture(autouse=True)
+def own_plans(monkeypatch):
+    """Each test starts with no plans, so the plans it looks up are its own: the shared table is cleared whenever
+    it fills, which other tests in the same worker may make happen at any call."""
+    monkeypatch.setattr(api, "_plans", {})
+
+
 @contextlib.contextmanager
 def tvm_ffi_path(monkeypatch):
     """Calls inside take the tvm-ffi path with outputs allocated in Python; the plans of either path stay apart."""
@@ -127,35 +134,39 @@ def test_a_plan_call_refuses_what_is_not_a_torch_tensor(seed):
 
 
 def test_large_cpu_calls_let_other_threads_run(seed):
-    """A call above the GIL threshold releases it: another thread's Python work goes on during the call's first
-    half. A long switch interval keeps the interpreter from handing the GIL over on its own around the call."""
-    x, bias = torch_input(PRESETS["kimi_k2"], 16384, "float32", seed)
-    args = PRESETS["kimi_k2"].args()
-    grouped_topk(x, bias, *args, num_threads=1)
-    begun = time.perf_counter()
-    grouped_topk(x, bias, *args, num_threads=1)
-    duration = time.perf_counter() - begun
-    ticks: list[float] = []
-    stop = threading.Event()
+    """A call above the GIL threshold releases it for the kernel: a thread woken just before the call runs Python
+    in the call's first half. A switch interval far longer than the call keeps the interpreter from handing the
+    GIL over on its own; a call that kept it let that thread run only as the call ended."""
+    config = PRESETS["kimi_k2"]
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((1 << 18, config.num_experts), generator=generator).to(torch.bfloat16)
+    bias = torch.randn(config.num_experts, generator=generator).to(torch.bfloat16)
 
-    def tick():
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
+    def route():
+        grouped_topk(x, bias, *config.args(), num_threads=1, return_scores=False)
+
+    route()
+    go, woke = threading.Event(), []
+
+    def other():
+        go.wait()
+        woke.append(time.perf_counter())
 
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(max(0.1, 4 * duration))
-    ticker = threading.Thread(target=tick)
+    sys.setswitchinterval(2.0)
+    thread = threading.Thread(target=other)
     try:
-        ticker.start()
-        while not ticks:
-            time.sleep(0.001)
-        start = time.perf_counter()
-        grouped_topk(x, bias, *args, num_threads=1)
+        thread.start()
+        go.set()
+        started = time.perf_counter()
+        route()
+        finished = time.perf_counter()
     finally:
-        stop.set()
-        ticker.join()
+        go.set()
+        thread.join()
         sys.setswitchinterval(interval)
-    assert any(start < t < start + duration / 2 for t in ticks)
+    assert finished - started < 1.0, "the call must stay well inside the switch interval"
+    assert started < woke[0] < started + (finished - started) / 2
 
 
 def test_the_tvm_ffi_path_serves_when_the_extension_is_off(monkeypatch, seed):
