@@ -20,6 +20,7 @@ from typing import Any
 import nvtx
 
 from graphs.buckets import BucketTable
+from op import torch_call
 from op.build import library
 from op.configs import RoutingConfig
 
@@ -97,12 +98,26 @@ class _TorchBackend:
         anything else, which the library refuses before it queues anything. The graph holds no random number
         generator state for ``replay`` to advance, so launching its executable graph directly is the whole
         replay."""
-        replay_rows, convert, replay = self._replay_rows, dst.copy_, graph.replay
+        convert, replay = dst.copy_, graph.replay
         graph_exec = graph.raw_cuda_graph_exec()
+        # Through the torch extension where it is built: the same library call without tvm-ffi's per-call
+        # conversion of two torch tensors. Its refusals are the library's ValueErrors, as through tvm-ffi.
+        direct = torch_call.plan(
+            "replay_rows", dst.device, [("dst", False), ("src", False)], [],
+            [("input", 0), ("input", 1), ("int", graph_exec)], [],
+        )  # fmt: skip
+        if direct is None:
+            through_ffi = self._replay_rows
+
+            def replay_rows(src: Any) -> None:
+                through_ffi(dst, src, graph_exec)
+
+        else:
+            replay_rows = functools.partial(direct, dst)
 
         def copy_in_and_replay(src: Any) -> None:
             try:
-                replay_rows(dst, src, graph_exec)
+                replay_rows(src)
             except ValueError:
                 convert(src)
                 replay()
