@@ -8,12 +8,13 @@ Each entry point keeps one plan per call signature: the framework, device, shape
 framework of the bias, whether ``out=`` and ``num_tokens`` are given, and the routing arguments with the types
 that decide whether they are valid (so ``True`` never finds the plan of ``1``). Building a plan validates every
 argument and raises on bad input (errors are never cached); a call that finds its plan allocates the outputs and
-calls the library, and nothing more: the look-up is one tuple and one dictionary subscript. A tensor attribute
-read for the key costs about 0.05-0.08 us (as much as a tenth of the library call), so what the library checks at
-its boundary on every call anyway stays out of the key: the bias's shape, dtype, contiguity and device, the
-logits' contiguity, and the outputs given through ``out=`` (all but the index dtype, which is compared here).
-Inside ``torch.compile`` the entry points call instead the custom operators that ``op.torch_ops`` registers with
-torch.
+calls the library, and nothing more: the look-up is one tuple and one dictionary subscript. For torch tensors the
+plan is one call of the torch extension (``op.torch_call``), which allocates in C++ and calls the library there.
+A tensor attribute read for the key costs about 0.05-0.08 us (as much as a tenth of the library call), so what the
+library checks at its boundary on every call anyway stays out of the key: the bias's shape, dtype, contiguity and
+device, the logits' contiguity, and the outputs given through ``out=`` (all but the index dtype, which is compared
+here). Inside ``torch.compile`` the entry points call instead the custom operators that ``op.torch_ops`` registers
+with torch.
 """
 
 from __future__ import annotations
