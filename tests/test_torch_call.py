@@ -275,6 +275,12 @@ def test_cuda_outputs_take_record_stream_and_refusals_name_the_argument(seed):
     assert scores.untyped_storage().resizable()
     side = torch.cuda.Stream()
     values.record_stream(side)
+    # The outputs come from torch's caching allocator, which counts them.
+    big, big_bias = torch_input(DEEPSEEK, 4096, "bfloat16", seed, "cuda")
+    grouped_topk(big, big_bias, *DEEPSEEK.args())
+    before = torch.cuda.memory_allocated()
+    kept = grouped_topk(big, big_bias, *DEEPSEEK.args())
+    assert torch.cuda.memory_allocated() - before >= sum(t.numel() * t.element_size() for t in kept)
     with pytest.raises(ValueError, match="e_score_correction_bias"):
         grouped_topk(x, bias.cpu(), *DEEPSEEK.args())
     grouped_topk(x, bias, *DEEPSEEK.args(), num_tokens=torch.tensor([2], dtype=torch.int32, device="cuda"))
