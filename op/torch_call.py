@@ -2,9 +2,10 @@
 
 For torch tensors an eager call of the front-end would otherwise take one framework operation per output
 (``new_empty``, ``empty_like``) and one tvm-ffi crossing: on a GPU host three allocations alone cost about one
-``torch.sigmoid``. The extension (``op/csrc/torch/torch_call.cc``) does it in one Python call: ``at::empty`` for
-each output, one call of the library's entry point through its exported C symbol on torch's current stream, and
-the outputs back as torch's own tensors. The kernel library itself stays free of any framework.
+``torch.sigmoid``. The extension (``op/csrc/torch/torch_call.cc``) does it in one Python call: each output made
+as ``at::empty`` makes it (from the allocator torch registers for the device, without the operator dispatch),
+one call of the library's entry point through its exported C symbol on torch's current stream, and the outputs
+back as torch's own tensors. The kernel library itself stays free of any framework.
 
 It is built on first use (cached under ``$FUSEDGATE_CACHE`` like the library, keyed by its source, the torch and
 Python it is built for and the compiler flags) with the C++ compiler torch's headers need. Where it cannot be
