@@ -290,3 +290,19 @@ def test_cuda_outputs_take_record_stream_and_refusals_name_the_argument(seed):
     with pytest.raises(ValueError, match="num_tokens"):
         grouped_topk(x, bias, *DEEPSEEK.args(), num_tokens=torch.tensor([2], dtype=torch.int64, device="cuda"))
     np.testing.assert_array_equal(ids.cpu().numpy(), grouped_topk(x, bias, *DEEPSEEK.args())[2].cpu().numpy())
+
+
+@pytest.mark.gpu
+def test_under_deterministic_algorithms_untouched_rows_hold_torch_s_fill(seed):
+    """With torch asked to fill fresh memory, rows at or past num_tokens hold that fill (NaN), as from torch.empty."""
+    x, bias = torch_input(DEEPSEEK, 6, "bfloat16", seed, "cuda")
+    count = torch.tensor([4], dtype=torch.int32, device="cuda")
+    expected = grouped_topk(x[:4].contiguous(), bias, *DEEPSEEK.args())
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        scores, values, ids = grouped_topk(x, bias, *DEEPSEEK.args(), num_tokens=count)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.isnan(scores[4:]).all() and torch.isnan(values[4:]).all()
+    assert_equal_outputs((scores[:4], values[:4], ids[:4]), expected)

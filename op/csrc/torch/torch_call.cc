@@ -8,7 +8,9 @@
 // the caching allocator's bookkeeping work on them as on any other). The kernel library still allocates nothing and
 // checks every argument at its boundary.
 #include <Python.h>
+#include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <dlpack/dlpack.h>
 #include <torch/csrc/Exceptions.h>
@@ -303,9 +305,13 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   // The outputs are made as at::empty makes them, from the allocator torch registers for the device (on CUDA its
   // caching allocator, which serves the current device and stream, a capture's pool included), without
-  // at::empty's operator dispatch and option parsing per tensor: a sixth to a third of a microsecond each. The
-  // device stays current through the library call.
+  // at::empty's operator dispatch and option parsing per tensor: a sixth to a third of a microsecond each. Where
+  // torch is asked to fill fresh memory (deterministic algorithms), at::empty itself makes them, so rows a call
+  // leaves untouched (past num_tokens) hold that fill as they would from torch.empty. The device stays current
+  // through the library call.
   const c10::DeviceGuard device_guard(plan->device);
+  const at::Context& context = at::globalContext();
+  const bool filled = context.deterministicAlgorithms() && context.deterministicFillUninitializedMemory();
   c10::Allocator* allocator = c10::GetAllocator(plan->device.type());
   const c10::DispatchKeySet keys(plan->device.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
   const size_t count = plan->outputs.size();
@@ -313,7 +319,8 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::array<DLTensor, kMaxOutputs> out_dl{};
   for (size_t i = 0; i < count; ++i) {
     const Output& spec = plan->outputs[i];
-    out[i] = at::detail::empty_generic(spec.shape, allocator, keys, spec.dtype, std::nullopt);
+    out[i] = filled ? at::empty(spec.shape, at::TensorOptions().dtype(spec.dtype).device(plan->device))
+                    : at::detail::empty_generic(spec.shape, allocator, keys, spec.dtype, std::nullopt);
     if (!describe(out[i], "output", &out_dl[i])) return nullptr;
   }
   std::array<TVMFFIAny, kMaxSlots> packed{};
