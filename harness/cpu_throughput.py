@@ -6,6 +6,10 @@ neighbour's load falls on all of them alike. Each sample is the mean per-call ti
 few milliseconds; the table's ratios use the fastest sample (best of several), which on a shared machine is the
 one least disturbed, and the CSV keeps the quartiles beside it.
 
+Calls after a pause: a server at low load calls the kernel now and then, with the pool's workers asleep and
+their processor idle. Where the kernel splits a batch over threads, the one-thread and all-thread calls are also
+timed one call at a time after a pause (``--pause-ms``, 2 ms by default), median over ``--pause-calls``, in turns.
+
 ``python -m harness.cpu_throughput --out DIR`` writes ``DIR/cpu_throughput.md`` and the long-format
 ``DIR/cpu_throughput.csv`` (DESIGN.md's columns, plus ``threads``).
 """
@@ -70,12 +74,31 @@ def measure_side_by_side(
     return times
 
 
+def measure_after_pause(calls: dict[str, Callable[[], object]], count: int, pause: float) -> dict[str, list[float]]:
+    """ms of single calls, each after ``pause`` seconds of sleep, the calls taking turns."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(count):
+        for name, call in calls.items():
+            time.sleep(pause)
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def run(
-    out: Path, presets: list[str], tokens: list[int], samples: int, min_seconds: float, seed: int
+    out: Path,
+    presets: list[str],
+    tokens: list[int],
+    samples: int,
+    min_seconds: float,
+    seed: int,
+    pause_ms: float = 2.0,
+    pause_calls: int = 40,
 ) -> list[dict[str, object]]:
     all_threads = len(os.sched_getaffinity(0))
     card, stamp, commit = machine_name(), datetime.now(UTC).isoformat(timespec="seconds"), git_commit()
-    rows, table = [], []
+    rows, table, paused = [], [], []
     for name in presets:
         config = PRESETS[name]
         for num_tokens in tokens:
@@ -103,12 +126,25 @@ def run(
             best = {label: min(ms) for label, ms in times.items()}
             table.append((name, num_tokens, best["reference"], best["one"], best["all"], used["all"]))
             print(f"{name} T={num_tokens}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in best.items()), flush=True)
+            if used["all"] > 1 and pause_calls > 0:
+                kernel = {label: calls[label] for label in ("one", "all")}
+                after = measure_after_pause(kernel, pause_calls, pause_ms / 1e3)
+                for label, ms in after.items():
+                    q = statistics.quantiles(ms, n=4, method="inclusive")
+                    base = {"path": "cpu_kernel", "preset": name, "E": config.num_experts, "dtype": "float32"}
+                    base |= {"T": num_tokens, "scores": "scores", "l2": "", "launch": f"after {pause_ms:g} ms pause"}
+                    base |= {"distribution": "randn", "unit": "ms", "n": len(ms), "card": card}
+                    base |= {"timestamp": stamp, "commit": commit, "threads": used[label]}
+                    rows.append(base | {"metric": "time", "p25": q[0], "p50": q[1], "p75": q[2]})
+                medians = {label: statistics.median(ms) for label, ms in after.items()}
+                paused.append((name, num_tokens, medians["one"], medians["all"], used["all"]))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "cpu_throughput.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "cpu_throughput.md").write_text(markdown(table, card, all_threads, samples, commit, stamp))
+    text = markdown(table, card, all_threads, samples, commit, stamp)
+    (out / "cpu_throughput.md").write_text(text + paused_markdown(paused, pause_ms, pause_calls))
     return rows
 
 
@@ -132,6 +168,24 @@ def markdown(table: list[tuple], card: str, all_threads: int, samples: int, comm
     return "\n".join(lines) + "\n"
 
 
+def paused_markdown(paused: list[tuple], pause_ms: float, pause_calls: int) -> str:
+    if not paused:
+        return ""
+    lines = [
+        "",
+        f"## Calls after a {pause_ms:g} ms pause",
+        "",
+        f"One call at a time after a {pause_ms:g} ms sleep (the pool's workers asleep), one thread and all in turns,"
+        f" median of {pause_calls} calls each; only where the batch is split.",
+        "",
+        "| preset | T | cpu_kernel 1 thread ms | cpu_kernel all ms | threads used | k1/kN |",
+        "|---|---|---|---|---|---|",
+    ]
+    for preset, tokens, one, many, used in paused:
+        lines.append(f"| {preset} | {tokens} | {one:.3f} | {many:.3f} | {used} | {one / many:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.cpu_throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for cpu_throughput.md and .csv")
@@ -140,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=7, help="samples per call (default 7)")
     parser.add_argument("--min-seconds", type=float, default=5e-3, help="least time one sample's calls take")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pause-ms", type=float, default=2.0, help="sleep before each paused call (default 2)")
+    parser.add_argument("--pause-calls", type=int, default=40, help="paused calls of each kind; 0 for none")
     args = parser.parse_args(argv)
     if args.samples < 2:
         parser.error(f"--samples={args.samples} is out of range: allowed --samples >= 2")
-    run(args.out, args.presets, args.tokens, args.samples, args.min_seconds, args.seed)
+    if args.pause_ms < 0 or args.pause_calls < 0:
+        parser.error("--pause-ms and --pause-calls are out of range: allowed values >= 0")
+    run(args.out, args.presets, args.tokens, args.samples, args.min_seconds, args.seed, args.pause_ms, args.pause_calls)
     print((args.out / "cpu_throughput.md").read_text())
     return 0
 

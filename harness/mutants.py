@@ -42,7 +42,7 @@ CPU_TESTS = {
             "-k",
             "cpu_kernel-numpy or test_cpu_kernel_internals or test_cpu_kernel_loops",
         ]
-        for name in ("cpu_kernel.cc", "cpu_route.h", "cpu_route_portable.h", "cpu_route_avx512.h")
+        for name in ("cpu_kernel.cc", "cpu_pool.h", "cpu_route.h", "cpu_route_portable.h", "cpu_route_avx512.h")
     },
     "op/csrc/torch/torch_call.cc": ["tests/test_torch_call.py"],
 }

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import subprocess
 import threading
 import time
 
@@ -15,7 +17,7 @@ import pytest
 
 from harness.inputs import generate_input
 from op import grouped_topk, reference
-from op.build import library
+from op.build import build_library, library
 from op.configs import ALL_CONFIGS
 from op.testing import WEIGHT_RTOL, assert_routing_close
 
@@ -125,6 +127,46 @@ def test_calls_from_several_threads_at_once_give_one_thread_s_bits(seed):
     assert not any(caller.is_alive() for caller in callers), "a call never returned"
     for i, want in enumerate(expected):
         assert all(np.array_equal(g, w) for g, w in zip(results[i], want, strict=True))
+
+
+def test_calls_between_pauses_give_one_thread_s_bits(seed):
+    """A pool worker still waking when its caller has routed every row is left out of that call, and may wake into
+    the next one: calls after pauses around the workers' spin time (about 200 us) and the wake-up time of an idle
+    processor, each checked against one thread, with a deadline so that a call waiting for a worker that never
+    joins fails here instead of hanging the run."""
+    config = ALL_CONFIGS["glm45_air"]
+    inputs = [generate_input(config, 2048 + 8 * i, "float32", seed + i) for i in range(4)]
+    expected = [grouped_topk(x, bias, *config.args(), num_threads=1) for x, bias in inputs]
+    mismatched: list[tuple[int, float]] = []
+
+    def calls() -> None:
+        for round_ in range(10):
+            for i, (x, bias) in enumerate(inputs):
+                pause = (0.0, 5e-5, 2e-4, 1e-3)[(round_ + i) % 4]
+                time.sleep(pause)
+                got = grouped_topk(x, bias, *config.args(), num_threads=2)
+                if not all(np.array_equal(g, w) for g, w in zip(got, expected[i], strict=True)):
+                    mismatched.append((i, pause))
+
+    caller = threading.Thread(target=calls, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "a call never returned"
+    assert not mismatched, f"(input, pause) pairs whose routing differed from one thread's: {mismatched}"
+
+
+def test_the_library_shares_no_object_with_another_build_in_the_process():
+    """A unique symbol (a static of an inline function or class, such as the thread pool's) is one object across
+    the process: a second build of the library loaded beside this one would use this one's pool or block state,
+    whose layout may differ. The library exports none."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    symbols = subprocess.run(
+        [nm, "-D", "--defined-only", str(build_library())], capture_output=True, text=True, check=True
+    ).stdout
+    unique = [line for line in symbols.splitlines() if line.split()[1:2] == ["u"]]
+    assert not unique, f"unique symbols: {unique}"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

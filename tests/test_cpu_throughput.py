@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from harness.cpu_throughput import COLUMNS, main
 from harness.results import read_csv
+from op.build import library
 
 
 def test_cpu_throughput_writes_markdown_and_long_csv(tmp_path):
@@ -17,3 +22,21 @@ def test_cpu_throughput_writes_markdown_and_long_csv(tmp_path):
     assert all(float(r["p50"]) > 0 and r["unit"] == "ms" and r["threads"] == "1" for r in rows)
     table = (tmp_path / "cpu_throughput.md").read_text()
     assert "| glm45_air | 3 |" in table and "ref/k1" in table
+
+
+def test_split_batches_are_also_timed_after_a_pause(tmp_path):
+    args = ["--out", str(tmp_path), "--presets", "glm45_air", "--tokens", "1", "1024", "--samples", "2"]
+    assert main([*args, "--pause-calls", "3", "--pause-ms", "0.5"]) == 0
+    rows = read_csv(tmp_path / "cpu_throughput.csv")
+    paused = [r for r in rows if r["launch"] == "after 0.5 ms pause"]
+    split = library().cpu_thread_count(1024, 128, len(os.sched_getaffinity(0))) > 1
+    # One thread and all, at the batch that is split (1 token never is).
+    assert len(paused) == (2 if split else 0)
+    assert all(r["T"] == "1024" and r["n"] == "3" and float(r["p50"]) > 0 for r in paused)
+    assert ("## Calls after a 0.5 ms pause" in (tmp_path / "cpu_throughput.md").read_text()) == split
+
+
+def test_negative_pauses_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--pause-ms", "-1"])
+    assert "--pause-ms and --pause-calls are out of range" in capsys.readouterr().err

@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdlib>
@@ -39,6 +40,16 @@ constexpr int kMaxThreads = 1024;
 // 384 experts (0.1-0.4 ms of work) and 1.6-2.3x at 4096; below that the hand-over and a busy second core eat the
 // gain.
 constexpr int64_t kMinExpertsPerThread = 1 << 16;
+// The least work one claim of rows takes (Split below), about 5 us on that machine: enough that claims
+// cost nothing beside it, and little enough that the last claims leave the threads finishing within that.
+constexpr int64_t kMinExpertsPerRange = 1 << 13;
+// Ranges are cut in whole multiples of this many rows (the AVX-512 loop's block), where they can be.
+constexpr int64_t kRangeRows = 8;
+
+int64_t min_range_rows(int64_t experts) {
+  const int64_t rows = (kMinExpertsPerRange + experts - 1) / experts;
+  return (rows + kRangeRows - 1) / kRangeRows * kRangeRows;
+}
 
 // Logits or scores at least this large are taken to be out of the cache: the scores go out by non-temporal
 // stores and the logits are asked for ahead (cpu_route_avx512.h). On the shared 2-core x86-64 machine, called
@@ -90,16 +101,41 @@ void route(const Call& call, int64_t begin, int64_t end) {
   cpu::portable::route_rows_any(call.p, call.io, begin, end);
 }
 
-// A call's rows cut into contiguous ranges whose sizes differ by at most one.
+// A call's rows, handed out to its threads in contiguous ranges as each asks for more. A thread claims a share
+// of the rows still unclaimed (half of an equal share, so the ranges shrink as the call goes on) and never fewer
+// than `min_rows` (but for the last): a thread that starts late, or that shares its core with another job, takes
+// fewer rows instead of holding the call back, while the last ranges are small enough that the threads finish
+// close together.
 struct Split {
   const Call* call;
   int64_t rows;
-  int64_t start(int part, int parts) const { return rows / parts * part + std::min<int64_t>(part, rows % parts); }
+  int64_t min_rows;
+  int threads;
+  mutable std::atomic<int64_t> next{0};
+
+  // The next range to route, or false when every row is claimed.
+  bool claim(int64_t* begin, int64_t* end) const {
+    int64_t start = next.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t left = rows - start;
+      if (left <= 0) return false;
+      // Ranges are whole blocks of the AVX-512 loop where they can be.
+      const int64_t share = (left / (2 * threads) + kRangeRows - 1) / kRangeRows * kRangeRows;
+      const int64_t size = std::min(left, std::max(min_rows, share));
+      if (next.compare_exchange_weak(start, start + size, std::memory_order_relaxed)) {
+        *begin = start;
+        *end = start + size;
+        return true;
+      }
+    }
+  }
 };
 
-void route_part(const void* context, int part, int parts) {
+// Routes ranges of the call until none is left; every thread of a call runs it (part and parts unused).
+void route_claimed(const void* context, int, int) {
   const Split& split = *static_cast<const Split*>(context);
-  route(*split.call, split.start(part, parts), split.start(part + 1, parts));
+  int64_t begin, end;
+  while (split.claim(&begin, &end)) route(*split.call, begin, end);
 }
 
 int affinity_cpus() {
@@ -205,25 +241,19 @@ void cpu_grouped_topk(TensorView logits, TensorView bias, Optional<TensorView> s
     route(call, 0, rows);
     return;
   }
-  const Split split{&call, rows};
-  int started = cpu::Pool::run(route_part, &split, threads);
-  if (started > 0) {
-    // Parts the pool could not start a thread for run here.
-    route(call, split.start(started, threads), rows);
-    return;
-  }
+  const Split split{&call, rows, min_range_rows(experts), threads};
+  // The calling thread routes too, until every row is claimed: rows of threads that could not be started, or
+  // started late, are routed here.
+  if (cpu::Pool::run(route_claimed, &split, threads) > 0) return;
   // Another call holds the pool: threads of this call's own.
   std::vector<std::thread> workers;
   workers.reserve(threads - 1);
-  started = 1;
   try {
-    for (; started < threads; ++started)
-      workers.emplace_back(route_part, &split, started, threads);
+    for (int i = 1; i < threads; ++i) workers.emplace_back(route_claimed, &split, i, threads);
   } catch (const std::system_error&) {
-    // No thread to be had (a process limit): the ranges still unassigned run here.
+    // No thread to be had (a process limit): the threads started and this one route every row.
   }
-  route(call, split.start(0, threads), split.start(1, threads));
-  route(call, split.start(started, threads), rows);
+  route_claimed(&split, 0, threads);
   for (std::thread& w : workers) w.join();
 }
 

@@ -6,6 +6,10 @@
 // A worker that finishes a part, and a caller waiting for the workers, spin for a short while before they sleep:
 // waking a sleeping thread took 50-100 us on that virtual machine (its idle processor is halted), more than a
 // 4096-token batch of 128 experts then gained from a second thread. The spin is bounded, so an idle pool sleeps.
+// Nor does a caller wait for a worker still waking: once the caller's own part is done, the call is closed to
+// workers that have not joined it. So a task must let the calling thread do every part's work alone (the
+// kernel's threads claim rows until none is left), and a call after a long pause costs about what one thread
+// would, instead of one thread's half plus a wake-up.
 #pragma once
 
 #if defined(__unix__)
@@ -25,12 +29,16 @@
 
 namespace fusedgate {
 namespace cpu {
+// Internal linkage: the statics below would otherwise be one object across the process (unique symbols), so a
+// second build of the library loaded into the same process would hand its calls to the first one's pool, whose
+// layout and workers may differ.
+namespace {
 
 class Pool {
  public:
-  // Runs task(context, i, parts) for i in [1, parts) on workers and for i = 0 on the calling thread, and returns
-  // once all have. Returns the parts that ran on workers plus one, fewer than asked where no more threads could
-  // be started (the caller runs the rest), and 0 without running anything when another call holds the pool.
+  // Runs task(context, i, parts) for i = 0 on the calling thread and for i in [1, parts) on workers that start
+  // before the caller's part is done, and returns once every part started has. Returns how many ran (at least
+  // 1), or 0 without running anything when another call holds the pool.
   using Task = void (*)(const void* context, int part, int parts);
 
   static int run(Task task, const void* context, int parts) {
@@ -50,17 +58,19 @@ class Pool {
     pool.task_ = task;
     pool.context_ = context;
     pool.parts_ = used;
-    pool.pending_.store(used - 1, std::memory_order_relaxed);
+    pool.joined_.store(0, std::memory_order_relaxed);
+    pool.finished_parts_.store(0, std::memory_order_relaxed);
     pool.generation_.fetch_add(1, std::memory_order_release);
     lock.unlock();
     pool.wake_.notify_all();
     task(context, 0, used);
-    const auto done = [&] { return pool.pending_.load(std::memory_order_acquire) == 0; };
+    const int started = pool.joined_.fetch_or(kClosed, std::memory_order_acq_rel);
+    const auto done = [&] { return pool.finished_parts_.load(std::memory_order_acquire) == started; };
     if (!spin_until(done)) {
       lock.lock();
       pool.finished_.wait(lock, done);
     }
-    return used;
+    return started + 1;
   }
 
  private:
@@ -96,25 +106,34 @@ class Pool {
     const auto called = [&] { return generation_.load(std::memory_order_acquire) != seen; };
     for (;;) {
       spin_until(called);
-      // The call's fields are read under the lock, which their writer holds: a call this worker takes no part
-      // in may be writing them for the next one.
+      // The call's fields are read, and the worker joins it, under the lock, which their writer holds: a call
+      // this worker takes no part in may be writing them for the next one.
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, called);
       seen = generation_.load(std::memory_order_relaxed);
-      if (index >= parts_) continue;
+      if (index >= parts_ || !join()) continue;
       const Task task = task_;
       const void* context = context_;
       const int parts = parts_;
       lock.unlock();
       task(context, index, parts);
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        // Under the lock, so that a caller between its check and its sleep cannot miss the notification.
-        lock.lock();
-        finished_.notify_one();
-      }
+      finished_parts_.fetch_add(1, std::memory_order_acq_rel);
+      // Under the lock, so that a caller between its check and its sleep cannot miss the notification.
+      lock.lock();
+      finished_.notify_one();
     }
   }
 
+  // Counts this worker into the current call unless its caller has closed it.
+  bool join() {
+    int joined = joined_.load(std::memory_order_relaxed);
+    while ((joined & kClosed) == 0) {
+      if (joined_.compare_exchange_weak(joined, joined + 1, std::memory_order_acq_rel)) return true;
+    }
+    return false;
+  }
+
+  static constexpr int kClosed = 1 << 30;  // in joined_: the caller's part is done, no worker may join
   static inline Pool* pool_ = nullptr;
   std::mutex dispatch_;  // held for a whole pooled call
   std::mutex mutex_;     // guards the call's fields below and every sleep
@@ -124,8 +143,10 @@ class Pool {
   Task task_ = nullptr;
   const void* context_ = nullptr;
   int parts_ = 0;
-  std::atomic<int> pending_{0};  // parts still running on workers
+  std::atomic<int> joined_{0};          // workers that joined the call, and kClosed once the caller's part is done
+  std::atomic<int> finished_parts_{0};  // parts that workers have finished
 };
 
+}  // namespace
 }  // namespace cpu
 }  // namespace fusedgate
