@@ -156,9 +156,10 @@ def test_calls_between_pauses_give_one_thread_s_bits(seed):
 
 
 def test_the_library_shares_no_object_with_another_build_in_the_process():
-    """A unique symbol (a static of an inline function or class, such as the thread pool's) is one object across
-    the process: a second build of the library loaded beside this one would use this one's pool or block state,
-    whose layout may differ. The library exports none."""
+    """A unique symbol (a static of an inline function or class, such as the CPU thread pool's or the CUDA
+    launchers' caches) is one object across the process: a second build of the library loaded beside this one
+    would use this one's pool, block state or caches, whose layout may differ. The library exports none, with or
+    without its CUDA kernels."""
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("nm (binutils) is not installed")

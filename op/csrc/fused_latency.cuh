@@ -41,7 +41,7 @@ constexpr int32_t kAbsentKey = kNoKey + 1;
 // either kernel at any count.
 constexpr int64_t kLatencyThreads = 98304;
 
-inline int64_t latency_max_tokens(const RoutingParams& p) {
+static inline int64_t latency_max_tokens(const RoutingParams& p) {
   static const char* env = std::getenv("FUSEDGATE_LATENCY_MAX_TOKENS");
   if (env != nullptr) return std::atoll(env);
   return kLatencyThreads / ((p.num_experts + 31) / 32 * 32);

@@ -87,7 +87,7 @@ inline bool warp_kernel_covers(const RoutingParams& p) {
 // tokens. A row split over warps measured slower than the threshold kernel (kimi_k2 at 1024 tokens), so no
 // count selects it by default. FUSEDGATE_WARP_MAX_TOKENS overrides every limit (read once), so a benchmark can
 // time either kernel at any count.
-inline int64_t warp_max_tokens(const RoutingParams& p, bool latency_covers) {
+static inline int64_t warp_max_tokens(const RoutingParams& p, bool latency_covers) {
   static const char* env = std::getenv("FUSEDGATE_WARP_MAX_TOKENS");
   if (env != nullptr) return std::atoll(env);
   if (warp_split(p) > 1) return 0;

@@ -37,9 +37,12 @@ using DeviceGuard = tvm::ffi::CUDADeviceGuard;
 
 constexpr int kMaxDevices = 64;
 
-// A device attribute, read once per device. Any thread may fill an entry; they all write the same value.
+// A device attribute, read once per device. Any thread may fill an entry; they all write the same value. Static,
+// as are the other functions here and in the kernels' headers that keep a cache: the static of an inline function
+// is one object across the process (a unique symbol), which a second build of the library loaded beside this one
+// would share.
 template <cudaDeviceAttr kAttribute>
-inline int device_attribute(int device) {
+static inline int device_attribute(int device) {
   static std::array<std::atomic<int>, kMaxDevices> cached{};
   if (device < 0 || device >= kMaxDevices)
     TVM_FFI_THROW(ValueError) << "device " << device << " is out of range: allowed 0 <= device < " << kMaxDevices;
@@ -62,7 +65,8 @@ constexpr int min_blocks_per_sm(int vpt, int elem_bytes) { return vpt <= 8 ? (el
 // Blocks of `kernel` an SM holds at once with `smem` bytes of dynamic shared memory (its registers and shared
 // memory decide), asked of the runtime once per kernel, size and device.
 template <typename... Params>
-inline int resident_blocks(void (*kernel)(Params...), size_t smem, int device, int threads = kWarpsPerBlock * 32) {
+static inline int resident_blocks(void (*kernel)(Params...), size_t smem, int device,
+                                  int threads = kWarpsPerBlock * 32) {
   static std::mutex mutex;
   static std::map<std::tuple<const void*, size_t, int, int>, int> known;
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem, device, threads);
