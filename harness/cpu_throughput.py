@@ -115,12 +115,18 @@ def run(
             }
             # The reference at 65536 tokens takes most of a second a call: fewer samples there.
             times = measure_side_by_side(calls, samples if num_tokens < 65536 else max(3, samples // 2), min_seconds)
+            # The CSV fields every row of this preset and batch shares; a row adds its call's and metric's.
+            shared = {"preset": name, "E": config.num_experts, "dtype": "float32", "T": num_tokens}
+            shared |= {"scores": "scores", "l2": "", "distribution": "randn", "unit": "ms", "card": card}
+            shared |= {"timestamp": stamp, "commit": commit}
+
+            def call_fields(label: str, ms: list[float], launch: str, shared=shared, used=used) -> dict[str, object]:
+                path = "reference" if label == "reference" else "cpu_kernel"
+                return shared | {"path": path, "launch": launch, "n": len(ms), "threads": used[label]}
+
             for label, ms in times.items():
                 q = statistics.quantiles(ms, n=4, method="inclusive")
-                base = {"path": "reference" if label == "reference" else "cpu_kernel", "preset": name}
-                base |= {"E": config.num_experts, "dtype": "float32", "T": num_tokens, "scores": "scores", "l2": ""}
-                base |= {"launch": "eager", "distribution": "randn", "unit": "ms", "n": len(ms), "card": card}
-                base |= {"timestamp": stamp, "commit": commit, "threads": used[label]}
+                base = call_fields(label, ms, "eager")
                 rows.append(base | {"metric": "time", "p25": q[0], "p50": q[1], "p75": q[2]})
                 rows.append(base | {"metric": "best_time", "p25": "", "p50": min(ms), "p75": ""})
             best = {label: min(ms) for label, ms in times.items()}
@@ -131,10 +137,7 @@ def run(
                 after = measure_after_pause(kernel, pause_calls, pause_ms / 1e3)
                 for label, ms in after.items():
                     q = statistics.quantiles(ms, n=4, method="inclusive")
-                    base = {"path": "cpu_kernel", "preset": name, "E": config.num_experts, "dtype": "float32"}
-                    base |= {"T": num_tokens, "scores": "scores", "l2": "", "launch": f"after {pause_ms:g} ms pause"}
-                    base |= {"distribution": "randn", "unit": "ms", "n": len(ms), "card": card}
-                    base |= {"timestamp": stamp, "commit": commit, "threads": used[label]}
+                    base = call_fields(label, ms, f"after {pause_ms:g} ms pause")
                     rows.append(base | {"metric": "time", "p25": q[0], "p50": q[1], "p75": q[2]})
                 medians = {label: statistics.median(ms) for label, ms in after.items()}
                 paused.append((name, num_tokens, medians["one"], medians["all"], used["all"]))

@@ -46,10 +46,9 @@ constexpr int64_t kMinExpertsPerRange = 1 << 13;
 // Ranges are cut in whole multiples of this many rows (the AVX-512 loop's block), where they can be.
 constexpr int64_t kRangeRows = 8;
 
-int64_t min_range_rows(int64_t experts) {
-  const int64_t rows = (kMinExpertsPerRange + experts - 1) / experts;
-  return (rows + kRangeRows - 1) / kRangeRows * kRangeRows;
-}
+int64_t whole_blocks(int64_t rows) { return (rows + kRangeRows - 1) / kRangeRows * kRangeRows; }
+
+int64_t min_range_rows(int64_t experts) { return whole_blocks((kMinExpertsPerRange + experts - 1) / experts); }
 
 // Logits or scores at least this large are taken to be out of the cache: the scores go out by non-temporal
 // stores and the logits are asked for ahead (cpu_route_avx512.h). On the shared 2-core x86-64 machine, called
@@ -120,7 +119,7 @@ struct Split {
       const int64_t left = rows - start;
       if (left <= 0) return false;
       // Ranges are whole blocks of the AVX-512 loop where they can be.
-      const int64_t share = (left / (2 * threads) + kRangeRows - 1) / kRangeRows * kRangeRows;
+      const int64_t share = whole_blocks(left / (2 * threads));
       const int64_t size = std::min(left, std::max(min_rows, share));
       if (next.compare_exchange_weak(start, start + size, std::memory_order_relaxed)) {
         *begin = start;
