@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,26 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from harness.inputs import generate_input
-from harness.results import CSV_COLUMNS, git_commit
+from harness.results import CSV_COLUMNS, cpu_card, git_commit
 from op import grouped_topk, reference
 from op.build import library
 from op.configs import PRESETS
 
 TOKENS = (1, 64, 1024, 4096, 65536)
 COLUMNS = [*CSV_COLUMNS, "threads"]
-
-
-def machine_name() -> str:
-    """Cores this process may use, the architecture and the processor model, e.g. ``2-core x86_64 (AMD EPYC)``."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{len(os.sched_getaffinity(0))}-core {platform.machine()} ({model})"
 
 
 def _per_call_ms(call: Callable[[], object], min_seconds: float) -> float:
@@ -97,7 +83,7 @@ def run(
     pause_calls: int = 40,
 ) -> list[dict[str, object]]:
     all_threads = len(os.sched_getaffinity(0))
-    card, stamp, commit = machine_name(), datetime.now(UTC).isoformat(timespec="seconds"), git_commit()
+    card, stamp, commit = cpu_card(), datetime.now(UTC).isoformat(timespec="seconds"), git_commit()
     rows, table, paused = [], [], []
     for name in presets:
         config = PRESETS[name]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.inputs import generate_input
-from harness.results import git_commit
+from harness.results import cpu_card, git_commit
 from op.build import library
 from op.configs import PRESETS
 
@@ -247,7 +247,7 @@ def measure(
     samples = _time_rows(rows, sync, calls, repeats, CLOCKS[clock])
     medians = {name: statistics.median(values) for name, values in samples.items()}
     judged = {name: STATISTICS[statistic](values) for name, values in samples.items()}
-    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    card = torch.cuda.get_device_name() if device == "cuda" else cpu_card()
     table = []
     for row in rows:
         ratio = judged[row.name] / judged[row.baseline] if row.baseline else None

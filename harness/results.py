@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import platform
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,24 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def cpu_card(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CSV's ``card`` column for CPU figures: the cores this process may use, the architecture, the processor
+    model and, on x86, its family and model numbers, e.g. ``2-core x86_64 (AMD EPYC, family 26 model 2)``: a
+    virtual machine may name only the vendor, while the processor generation behind it decides how fast the
+    kernel's vector loop runs."""
+    fields = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        model += f", family {fields['cpu family']} model {fields['model']}"
+    return f"{len(os.sched_getaffinity(0))}-core {platform.machine()} ({model})"
 
 
 def git_commit() -> str:

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from harness.cpu_throughput import COLUMNS, main
-from harness.results import read_csv
+from harness.results import cpu_card, read_csv
 from op.build import library
 
 
@@ -40,3 +40,15 @@ def test_negative_pauses_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--pause-ms", "-1"])
     assert "--pause-ms and --pause-calls are out of range" in capsys.readouterr().err
+
+
+def test_the_cpu_card_names_the_processor_generation(tmp_path):
+    """Two processor generations behind one machine type both call themselves "AMD EPYC": only the family and
+    model numbers tell their figures apart."""
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n")
+    assert cpu_card(x86).endswith("(AMD EPYC, family 26 model 2)")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n")
+    assert "family" not in cpu_card(arm)
+    assert cpu_card(tmp_path / "missing").startswith(f"{len(os.sched_getaffinity(0))}-core ")
