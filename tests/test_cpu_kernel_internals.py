@@ -9,8 +9,10 @@ import multiprocessing
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +155,46 @@ def test_calls_between_pauses_give_one_thread_s_bits(seed):
     caller.join(timeout=60)
     assert not caller.is_alive(), "a call never returned"
     assert not mismatched, f"(input, pause) pairs whose routing differed from one thread's: {mismatched}"
+
+
+def _pool_workers_cpus() -> list[set[int]]:
+    """The CPUs each of this process's pool workers may run on, from /proc."""
+    allowed = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        if status.get("Name") == "fusedgate-cpu":
+            cpus = set()
+            for part in status["Cpus_allowed_list"].split(","):
+                first, _, last = part.partition("-")
+                cpus.update(range(int(first), int(last or first) + 1))
+            allowed.append(cpus)
+    return allowed
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and two CPUs"
+)
+def test_pool_workers_may_run_anywhere_but_on_their_caller_s_cpu(seed):
+    """The scheduler tends to wake a worker on its waker's CPU, where it cannot start before the caller's part
+    ends: each call allows the workers every CPU of the process but the caller's. The caller is a thread pinned to
+    one CPU, then to another; the process's own affinity (its main thread's) stays as it was."""
+    config = ALL_CONFIGS["glm45"]
+    x, bias = generate_input(config, 4096, "float32", seed)
+    process_cpus = os.sched_getaffinity(0)
+    seen: dict[int, list[set[int]]] = {}
+
+    def call_from(cpu: int) -> None:
+        os.sched_setaffinity(0, {cpu})
+        grouped_topk(x, bias, *config.args(), num_threads=2)
+        seen[cpu] = _pool_workers_cpus()
+
+    for cpu in sorted(process_cpus)[:2]:
+        caller = threading.Thread(target=call_from, args=(cpu,), daemon=True)
+        caller.start()
+        caller.join(timeout=30)
+        assert not caller.is_alive(), "a call never returned"
+        assert seen[cpu], "the call started no pool worker"
+        assert all(allowed == process_cpus - {cpu} for allowed in seen[cpu]), (cpu, seen[cpu])
 
 
 def test_the_library_shares_no_object_with_another_build_in_the_process():
