@@ -60,12 +60,13 @@ class Pool {
     while (pool.workers_ < parts - 1) {
       try {
         std::thread worker(&Pool::work, &pool, pool.workers_ + 1, pool.generation_.load(std::memory_order_relaxed));
-        pool.started(worker.native_handle());
+        const std::thread::native_handle_type handle = worker.native_handle();
         worker.detach();
+        ++pool.workers_;
+        pool.started(handle);
       } catch (const std::system_error&) {
         break;  // a process limit: the caller runs the rest
       }
-      ++pool.workers_;
     }
     pool.keep_workers_off_caller_cpu();
     const int used = pool.workers_ + 1 < parts ? pool.workers_ + 1 : parts;
