@@ -43,8 +43,8 @@ def test_negative_pauses_are_refused(tmp_path, capsys):
 
 
 def test_the_cpu_card_names_the_processor_generation(tmp_path):
-    """Two processor generations behind one machine type both call themselves "AMD EPYC": only the family and
-    model numbers tell their figures apart."""
+    """Processors of different generations may all call themselves "AMD EPYC" in a virtual machine: the family
+    and model numbers tell them apart."""
     x86 = tmp_path / "x86"
     x86.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n")
     assert cpu_card(x86).endswith("(AMD EPYC, family 26 model 2)")
