@@ -80,8 +80,8 @@ def build_extension() -> Path:
         compiler = _compiler()
         if compiler is None:
             raise RuntimeError("no C++ compiler found (set $CXX)")
-        ffi_lib_dir = str(Path(tvm_ffi.libinfo.find_libtvm_ffi()).parent)
-        torch_lib_dirs = cpp_extension.library_paths()
+        ffi_library_path = str(Path(tvm_ffi.libinfo.find_libtvm_ffi()).parent)
+        torch_library_paths = cpp_extension.library_paths()
         command = [
             compiler, *CXX_FLAGS,
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
@@ -89,9 +89,9 @@ def build_extension() -> Path:
             *(f"-I{path}" for path in cpp_extension.include_paths()),
             f"-I{tvm_ffi.libinfo.find_include_path()}", f"-I{tvm_ffi.libinfo.find_dlpack_include_path()}",
             str(SOURCE), "-o", str(folder / "partial.so"),
-            *(f"-L{linked}" for linked in torch_lib_dirs), "-ltorch_python", "-ltorch", "-ltorch_cpu", "-lc10",
-            f"-L{ffi_lib_dir}", "-ltvm_ffi",
-            *(f"-Wl,-rpath,{linked}" for linked in [*torch_lib_dirs, ffi_lib_dir]),
+            *(f"-L{linked}" for linked in torch_library_paths), "-ltorch_python", "-ltorch", "-ltorch_cpu", "-lc10",
+            f"-L{ffi_library_path}", "-ltvm_ffi",
+            *(f"-Wl,-rpath,{linked}" for linked in [*torch_library_paths, ffi_library_path]),
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
